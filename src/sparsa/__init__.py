@@ -1,0 +1,29 @@
+"""sparsa: sparse, length-robust attention for PyTorch."""
+
+from . import normalize
+from ._version import __version__
+from .normalize import (
+    entmax,
+    entmax15,
+    entmax15_loss,
+    entmax_loss,
+    entmax_threshold,
+    softmax,
+    sparsemax,
+    sparsemax_loss,
+    support_size,
+)
+
+__all__ = [
+    "__version__",
+    "entmax",
+    "entmax15",
+    "entmax15_loss",
+    "entmax_loss",
+    "entmax_threshold",
+    "normalize",
+    "softmax",
+    "sparsemax",
+    "sparsemax_loss",
+    "support_size",
+]

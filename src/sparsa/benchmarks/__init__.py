@@ -1,0 +1,1 @@
+"""Benchmarks behind ``sparsa bench``: every figure is a ratio to a baseline timed in the same run."""
