@@ -3,9 +3,9 @@ import math
 import entmax as entmax_package
 import pytest
 import torch
-from oracles import bisection_entmax, brute_force_row
 
 import sparsa
+from oracles import bisection_entmax, brute_force_row
 from sparsa.normalize import Entmax, Entmax15, Softmax, Sparsemax, get_normalizer
 
 ALPHAS = [1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]

@@ -9,7 +9,9 @@ from ._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsa", description="Sparse, length-robust attention for PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="sparsa", description="Sparse, length-robust attention for PyTorch."
+    )
     parser.add_argument("--version", action="version", version=f"sparsa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = commands.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")

@@ -29,5 +29,6 @@ __all__ = [
     "set_compile_mode",
     "softmax",
     "sparsemax",
+    "sparsemax_loss",
     "support_size",
 ]

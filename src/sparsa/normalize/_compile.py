@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import torch
+from torch import Tensor
 
 COMPILE_MODES = ("auto", "always", "never")
 AUTO_COMPILE_MIN_NUMEL = 1 << 18
@@ -77,6 +78,24 @@ def row_blocks(rows: int, length: int, compiled: bool) -> Iterator[slice]:
         yield slice(start, min(start + step, rows))
 
 
+def map_row_blocks(
+    fn: Callable[[slice], Tensor], like: Tensor, compiled: bool, length: int | None = None
+) -> Tensor:
+    """Apply fn to the row blocks of a problem with rows of ``length`` (default: like's width).
+
+    The result has like's shape and dtype; a single block (the usual compiled
+    case) is returned as it comes, without a copy.
+    """
+    width = like.shape[1] if length is None else length
+    blocks = list(row_blocks(like.shape[0], width, compiled))
+    if len(blocks) == 1:
+        return fn(blocks[0]).to(like.dtype)
+    out = torch.empty_like(like)
+    for rows in blocks:
+        out[rows] = fn(rows)
+    return out
+
+
 class RowKernel:
     """A tensor function that can run eagerly or compiled with dynamic shapes.
 
@@ -110,6 +129,16 @@ class RowKernel:
             return self.fn(*args)
         self._verified = True
         return result
+
+
+def positive_pow(base: Tensor, exponent: Tensor) -> Tensor:
+    """base ** exponent for base > 0, as exp(exponent * log(base)).
+
+    Compiled on CPU this is over twice as fast as ``pow``, which also handles
+    negative bases and special cases that never occur here. Callers mask out
+    entries with base <= 0.
+    """
+    return torch.exp(exponent * torch.log(base))
 
 
 def row_kernel(fn: Callable[..., object]) -> RowKernel:

@@ -55,11 +55,15 @@ def check_alpha(alpha: float | Tensor, x: Tensor, dim: int) -> float | Tensor:
             raise ValueError(f"alpha has {alpha.dim()} dimensions, more than x's {x.dim()}")
         shape = (1,) * (x.dim() - alpha.dim()) + tuple(alpha.shape)
         if shape[dim] != 1:
-            raise ValueError(f"alpha must have size 1 along dim {dim} (one alpha per row), got shape {tuple(alpha.shape)}")
+            raise ValueError(
+                f"alpha must have size 1 along dim {dim} (one alpha per row), got shape {tuple(alpha.shape)}"
+            )
         try:
             torch.broadcast_shapes(shape, x.shape)
         except RuntimeError:
-            raise ValueError(f"alpha of shape {tuple(alpha.shape)} does not broadcast to x of shape {tuple(x.shape)}") from None
+            raise ValueError(
+                f"alpha of shape {tuple(alpha.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+            ) from None
         values = alpha.detach()
         if bool((torch.isnan(values) | (values < 1) | torch.isinf(values)).any()):
             raise ValueError("alpha must be finite and >= 1 everywhere")

@@ -78,7 +78,10 @@ def entmax_loss(
     class_dim = 0 if input.dim() == 1 else 1
     expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
     classes = input.shape[class_dim]
     kept = target != ignore_index
     if bool(((target < 0) | (target >= classes))[kept].any()):
@@ -93,11 +96,15 @@ def entmax_loss(
     return total.to(input.dtype)
 
 
-def sparsemax_loss(input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def sparsemax_loss(
+    input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean"
+) -> Tensor:
     """Sparsemax loss: :func:`entmax_loss` with alpha = 2."""
     return entmax_loss(input, target, 2.0, ignore_index=ignore_index, reduction=reduction)
 
 
-def entmax15_loss(input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def entmax15_loss(
+    input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean"
+) -> Tensor:
     """1.5-entmax loss: :func:`entmax_loss` with alpha = 1.5."""
     return entmax_loss(input, target, 1.5, ignore_index=ignore_index, reduction=reduction)

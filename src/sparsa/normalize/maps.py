@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._compile import row_blocks, row_kernel, wants_compiled
+from ._compile import map_row_blocks, positive_pow, row_kernel, wants_compiled
 from ._validate import (
     alpha_rows,
     check_alpha,
@@ -20,8 +20,8 @@ from ._validate import (
     check_k,
     check_scores,
     check_tol,
-    is_exact_alpha,
     compute_dtype,
+    is_exact_alpha,
     to_rows,
 )
 from .threshold import shifted_threshold
@@ -39,7 +39,8 @@ def _entmax15_weights(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
 
 @row_kernel
 def _tsallis_weights(x: Tensor, m: Tensor, scale: Tensor, power: Tensor, s: Tensor) -> Tensor:
-    p = (scale * (x - m) - s).clamp_min(0).pow(power)
+    u = (scale * (x - m) - s).clamp_min(0)
+    p = torch.where(u > 0, positive_pow(u, power), 0)
     total = p.sum(-1, keepdim=True)
     # Dividing by the sum makes the weights sum to one to rounding, whatever the solver's tolerance.
     return p / torch.where(total > 0, total, 1)
@@ -69,14 +70,14 @@ def _entmax15_grad(p: Tensor, dp: Tensor) -> Tensor:
 
 @row_kernel
 def _entmax_grad(p: Tensor, dp: Tensor, alpha: Tensor) -> Tensor:
-    return _tangent(torch.where(p > 0, p.pow(2 - alpha), 0), dp)
+    return _tangent(torch.where(p > 0, positive_pow(p, 2 - alpha), 0), dp)
 
 
 @row_kernel
 def _entmax_alpha_grad(p: Tensor, dp: Tensor, alpha: Tensor) -> Tensor:
     support = p > 0
     log_p = torch.where(support, p.log(), 0)
-    g = torch.where(support, p.pow(2 - alpha), 0)
+    g = torch.where(support, positive_pow(p, 2 - alpha), 0)
     g_total = g.sum(-1, keepdim=True)
     skewed = g / torch.where(g_total > 0, g_total, 1)
     p_log_p = p * log_p
@@ -105,21 +106,25 @@ def _softmax_rows(x: Tensor) -> Tensor:
 def _entmax_block(
     x: Tensor, alpha: float | Tensor, k: int | None, tol: float | None, compiled: bool
 ) -> Tensor:
-    """alpha-entmax weights for one block of rows (alpha > 1 float, or (rows, 1) tensor >= 1)."""
-    if is_exact_alpha(alpha):
-        m, s = shifted_threshold(x, alpha, k, tol, compiled)
-        weights = _sparsemax_weights if alpha == 2.0 else _entmax15_weights
-        return weights(x, m, s, compiled=compiled)
-    if isinstance(alpha, float):
+    """alpha-entmax weights of one block of rows (alpha > 1 float, or (rows, 1) >= 1)."""
+    if isinstance(alpha, float) and not is_exact_alpha(alpha):
         alpha = x.new_full((x.shape[0], 1), alpha)
-    softmax_rows = alpha == 1
-    solvable = torch.where(softmax_rows, 2.0, alpha)
-    m, s = shifted_threshold(x, solvable, None, tol, compiled)
-    scale = solvable - 1
-    p = _tsallis_weights(x, m, scale, 1 / scale, s, compiled=compiled)
-    if bool(softmax_rows.any()):
-        p = torch.where(softmax_rows, _softmax_rows(x), p)
-    return p
+    if isinstance(alpha, Tensor):
+        softmax_rows = alpha == 1
+        alpha = torch.where(softmax_rows, 2.0, alpha)
+    found = shifted_threshold(x, alpha, k, tol, compiled)
+    entries = found.entries.values
+    if is_exact_alpha(alpha):
+        kernel = _sparsemax_weights if alpha == 2.0 else _entmax15_weights
+        weights = kernel(entries, found.m, found.s, compiled=compiled)
+    else:
+        weights = _tsallis_weights(entries, found.m, alpha - 1, 1 / (alpha - 1), found.s, compiled=compiled)
+    weights = found.entries.expand(weights)
+    if bool(found.invalid.any()):
+        weights = weights.masked_fill(found.invalid, float("nan"))
+    if isinstance(alpha, Tensor) and bool(softmax_rows.any()):
+        weights = torch.where(softmax_rows, _softmax_rows(x), weights)
+    return weights
 
 
 class _EntmaxFunction(torch.autograd.Function):
@@ -127,12 +132,14 @@ class _EntmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, k, tol):
-        out = torch.empty_like(x)
         work = compute_dtype(x.dtype)
         compiled = wants_compiled(x.numel(), x.device)
-        for rows in row_blocks(x.shape[0], x.shape[1], compiled):
+
+        def block(rows: slice) -> Tensor:
             block_alpha = alpha if isinstance(alpha, float) else alpha[rows].to(work)
-            out[rows] = _entmax_block(x[rows].to(work), block_alpha, k, tol, compiled)
+            return _entmax_block(x[rows].to(work), block_alpha, k, tol, compiled)
+
+        out = map_row_blocks(block, x, compiled)
         if isinstance(alpha, Tensor):
             ctx.save_for_backward(out, alpha)
         else:
@@ -146,20 +153,22 @@ class _EntmaxFunction(torch.autograd.Function):
         alpha = ctx.alpha if ctx.alpha is not None else ctx.saved_tensors[1]
         work = compute_dtype(out.dtype)
         compiled = wants_compiled(out.numel(), out.device)
-        grad_x = torch.empty_like(out) if ctx.needs_input_grad[0] else None
-        alpha_needs_grad = isinstance(alpha, Tensor) and ctx.needs_input_grad[1]
-        grad_alpha = torch.empty_like(alpha) if alpha_needs_grad else None
-        for rows in row_blocks(out.shape[0], out.shape[1], compiled):
-            p = out[rows].to(work)
-            dp = grad_out[rows].to(work)
+
+        def rows_of(rows: slice) -> tuple[Tensor, Tensor]:
+            return out[rows].to(work), grad_out[rows].to(work)
+
+        def input_grad(rows: slice) -> Tensor:
             if isinstance(alpha, Tensor):
-                block_alpha = alpha[rows].to(work)
-                if grad_alpha is not None:
-                    grad_alpha[rows] = _entmax_alpha_grad(p, dp, block_alpha, compiled=compiled)
-                if grad_x is not None:
-                    grad_x[rows] = _entmax_grad(p, dp, block_alpha, compiled=compiled)
-            elif grad_x is not None:
-                grad_x[rows] = _grad_kernel(alpha, p, dp, compiled)
+                return _entmax_grad(*rows_of(rows), alpha[rows].to(work), compiled=compiled)
+            return _grad_kernel(alpha, *rows_of(rows), compiled)
+
+        def alpha_grad(rows: slice) -> Tensor:
+            return _entmax_alpha_grad(*rows_of(rows), alpha[rows].to(work), compiled=compiled)
+
+        grad_x = map_row_blocks(input_grad, out, compiled) if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if isinstance(alpha, Tensor) and ctx.needs_input_grad[1]:
+            grad_alpha = map_row_blocks(alpha_grad, alpha, compiled, length=out.shape[1])
         return grad_x, grad_alpha, None, None
 
 
@@ -185,10 +194,11 @@ class _SoftmaxFunction(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         work = compute_dtype(out.dtype)
         compiled = wants_compiled(out.numel(), out.device)
-        grad_x = torch.empty_like(out)
-        for rows in row_blocks(out.shape[0], out.shape[1], compiled):
-            grad_x[rows] = _softmax_grad(out[rows].to(work), grad_out[rows].to(work), compiled=compiled)
-        return grad_x
+        return map_row_blocks(
+            lambda rows: _softmax_grad(out[rows].to(work), grad_out[rows].to(work), compiled=compiled),
+            out,
+            compiled,
+        )
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:

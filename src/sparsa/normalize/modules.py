@@ -62,7 +62,9 @@ class EntmaxLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return entmax_loss(input, target, self.alpha, ignore_index=self.ignore_index, reduction=self.reduction)
+        return entmax_loss(
+            input, target, self.alpha, ignore_index=self.ignore_index, reduction=self.reduction
+        )
 
 
 class SparsemaxLoss(EntmaxLoss):

@@ -25,11 +25,24 @@ zero whatever the rest of the row is (the sparsity certificate).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from ._compile import row_blocks, row_kernel, wants_compiled
-from ._validate import alpha_rows, check_alpha, check_dim, check_k, check_scores, check_tol, compute_dtype, is_exact_alpha, to_rows
+from ._candidates import BOUND_MARGIN, Entries
+from ._compile import positive_pow, row_blocks, row_kernel, wants_compiled
+from ._validate import (
+    alpha_rows,
+    check_alpha,
+    check_dim,
+    check_k,
+    check_scores,
+    check_tol,
+    compute_dtype,
+    is_exact_alpha,
+    to_rows,
+)
 
 INF = float("inf")
 MAX_EXACT_STEPS = 24
@@ -50,9 +63,7 @@ def _sparsemax_support_stats(x: Tensor, m: Tensor, s: Tensor) -> tuple[Tensor, T
 
 
 @row_kernel
-def _entmax15_support_stats(
-    x: Tensor, m: Tensor, s: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _entmax15_support_stats(x: Tensor, m: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     u = ((x - m) * 0.5 - s).clamp_min(0)
     support = u > 0
     count = support.sum(-1, keepdim=True).to(x.dtype)
@@ -66,7 +77,7 @@ def _tsallis_derivatives(
 ) -> tuple[Tensor, Tensor, Tensor]:
     u = (scale * (x - m) - s).clamp_min(0)
     support = u > 0
-    u_pow = torch.where(support, u.pow(power - 1), 0)
+    u_pow = torch.where(support, positive_pow(u, power - 1), 0)
     f = (u_pow * u).sum(-1, keepdim=True) - 1
     f1 = -power * u_pow.sum(-1, keepdim=True)
     f2 = power * (power - 1) * torch.where(support, u_pow / u, 0).sum(-1, keepdim=True)
@@ -74,23 +85,32 @@ def _tsallis_derivatives(
 
 
 def _exact_newton(
-    x: Tensor, m: Tensor, power: int, skip: Tensor, compiled: bool
+    entries: Entries, m: Tensor, power: int, skip: Tensor, start: Tensor, compiled: bool
 ) -> tuple[Tensor, Tensor]:
-    """Shifted thresholds for sparsemax (power 1) or 1.5-entmax (power 2), and which rows certified."""
-    s = torch.full_like(m, -1.0)
+    """Shifted thresholds for sparsemax (power 1) or 1.5-entmax (power 2), and which rows certified.
+
+    ``start`` must be a lower bound of the thresholds (-1 always is).
+    """
+    s = start
     done = skip
+    # The closed form on the support at s is the answer when it lies at or above s (nothing left
+    # out lies above it) and below every entry of the support. Rounding can put it a few ulps below s.
+    slack = -4 * torch.finfo(m.dtype).eps
     for _ in range(MAX_EXACT_STEPS):
+        # Newton steps from the left stay below the root: s is a lower bound.
+        entries.narrow(s)
+        x = entries.values
         if power == 1:
             count, total, smallest = _sparsemax_support_stats(x, m, s, compiled=compiled)
             step = (total - 1) / count
-            exact = smallest > step
+            exact = (step >= slack) & (smallest > step)
         else:
             count, total, total_sq, smallest = _entmax15_support_stats(x, m, s, compiled=compiled)
             excess = total_sq - 1
             discriminant = total * total - count * excess
             # Smaller root of sum (u - d)^2 = 1 over the support, in the cancellation-free form.
             root = excess / (total + discriminant.clamp_min(0).sqrt())
-            exact = (discriminant >= 0) & (smallest > root)
+            exact = (discriminant >= 0) & (root >= slack) & (smallest > root)
             step = torch.where(exact, root, excess / (2 * total))
         s = torch.where(done, s, s + step)
         done = done | exact
@@ -128,10 +148,7 @@ def sorted_threshold(y: Tensor, power: int, k: int | None) -> Tensor:
     pending = torch.arange(y.shape[0], device=y.device)
     while pending.numel() > 0:
         rows = y[pending]
-        if k >= n:
-            top = rows.sort(-1, descending=True).values
-        else:
-            top = rows.topk(k, -1).values
+        top = rows.sort(-1, descending=True).values if k >= n else rows.topk(k, -1).values
         threshold, support = _sorted_prefix_threshold(top, power)
         complete = ((support < k) | (k >= n)).squeeze(-1)
         s[pending[complete]] = threshold[complete]
@@ -141,19 +158,23 @@ def sorted_threshold(y: Tensor, power: int, k: int | None) -> Tensor:
 
 
 def _halley(
-    x: Tensor, m: Tensor, alpha: Tensor, tol: float, skip: Tensor, compiled: bool
-) -> Tensor:
-    """Shifted thresholds for per-row alpha (rows, 1) by safeguarded Halley steps."""
+    entries: Entries, m: Tensor, alpha: Tensor, tol: float, skip: Tensor, start: Tensor, compiled: bool
+) -> tuple[Tensor, Tensor]:
+    """Shifted thresholds for per-row alpha (rows, 1) by safeguarded Halley steps, and lower bounds.
+
+    ``start`` must be a lower bound of the thresholds (-1 always is).
+    """
     scale = alpha - 1
     power = 1 / scale
-    lo = torch.full_like(m, -1.0)
-    hi = -torch.pow(float(x.shape[-1]), -scale)
+    lo = start
+    hi = -torch.pow(float(entries.length), -scale)
     s = lo.clone()
-    resolution = 4 * torch.finfo(x.dtype).eps
+    resolution = 4 * torch.finfo(m.dtype).eps
     done = skip
     previous_residual = torch.full_like(m, INF)
     for _ in range(MAX_HALLEY_STEPS):
-        f, f1, f2 = _tsallis_derivatives(x, m, scale, power, s, compiled=compiled)
+        entries.narrow(lo)
+        f, f1, f2 = _tsallis_derivatives(entries.values, m, scale, power, s, compiled=compiled)
         lo = torch.where(f > 0, s, lo)
         hi = torch.where(f < 0, s, hi)
         residual = f.abs()
@@ -168,38 +189,74 @@ def _halley(
         s_next = torch.where(inside & progressing, proposal, 0.5 * (lo + hi))
         s = torch.where(done, s, s_next)
         previous_residual = residual
-    return s
+    return s, lo
+
+
+@dataclass
+class Threshold:
+    """Thresholds of one block of rows (rows, n), in shifted units."""
+
+    m: Tensor  # row maxima (rows, 1); 0 for rows with no finite maximum
+    s: Tensor  # shifted thresholds: +inf for all -inf rows, NaN for rows holding NaN or +inf
+    invalid: Tensor  # (rows, 1): rows holding NaN or +inf
+    entries: Entries  # what the thresholds were solved on; entries.expand maps weights back
+
+
+def _solve(
+    entries: Entries,
+    m: Tensor,
+    alpha: float | Tensor,
+    k: int | None,
+    tol: float | None,
+    skip: Tensor,
+    start: Tensor,
+    compiled: bool,
+) -> tuple[Tensor, Tensor]:
+    """Shifted thresholds (rows, 1) and lower bounds of them, from lower bounds ``start``."""
+    if is_exact_alpha(alpha):
+        power = 2 if alpha == 1.5 else 1
+        if k is not None:
+            entries.narrow(start)
+            s = sorted_threshold((entries.values - m) * (alpha - 1), power, k)
+            return s, s
+        s, exact = _exact_newton(entries, m, power, skip, start, compiled)
+        fallback = ~exact.squeeze(-1)
+        if bool(fallback.any()):
+            y = (entries.values[fallback] - m[fallback]) * (alpha - 1)
+            s[fallback] = sorted_threshold(y, power, None)
+        return s, s
+    alpha_rows = torch.as_tensor(alpha, dtype=m.dtype, device=m.device).expand_as(m)
+    tolerance = DEFAULT_TOLERANCE.get(m.dtype, 1e-6) if tol is None else tol
+    return _halley(entries, m, alpha_rows, tolerance, skip, start, compiled)
+
+
+def _lower_bound(
+    entries: Entries, m: Tensor, alpha: float | Tensor, tol: float | None, skip: Tensor, compiled: bool
+) -> Tensor:
+    """A lower bound of the shifted thresholds: -1, or the threshold of the rows' summaries."""
+    bound = torch.full_like(m, -1.0)
+    summary = entries.summary()
+    if summary is None:
+        return bound
+    coarse = Entries(summary, m, alpha - 1, compiled)
+    _, lower = _solve(coarse, m, alpha, None, tol, skip, bound, compiled)
+    return torch.where(skip, bound, (lower - BOUND_MARGIN).clamp_min(-1))
 
 
 def shifted_threshold(
     x: Tensor, alpha: float | Tensor, k: int | None, tol: float | None, compiled: bool
-) -> tuple[Tensor, Tensor]:
-    """Row maxima m and shifted thresholds s for a block of rows (rows, n).
-
-    ``alpha`` is a float or a (rows, 1) tensor with entries > 1. Rows whose
-    entries are all -inf get s = +inf (every weight zero); rows holding NaN or
-    +inf get s = NaN, so their weights are NaN.
-    """
+) -> Threshold:
+    """Thresholds of a block of rows x (rows, n) for alpha a float or a (rows, 1) tensor > 1."""
     m = x.amax(-1, keepdim=True)
     masked = m == -INF
     invalid = torch.isnan(m) | (m == INF)
     skip = masked | invalid
     m = m.masked_fill(skip, 0)
-    if is_exact_alpha(alpha):
-        power = 2 if alpha == 1.5 else 1
-        if k is None:
-            s, exact = _exact_newton(x, m, power, skip, compiled)
-            fallback = ~exact.squeeze(-1)
-            if bool(fallback.any()):
-                y = (x[fallback] - m[fallback]) * (alpha - 1)
-                s[fallback] = sorted_threshold(y, power, None)
-        else:
-            s = sorted_threshold((x - m) * (alpha - 1), power, k)
-    else:
-        alpha_rows = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).expand_as(m)
-        tolerance = DEFAULT_TOLERANCE.get(x.dtype, 1e-6) if tol is None else tol
-        s = _halley(x, m, alpha_rows, tolerance, skip, compiled)
-    return m, s.masked_fill(masked, INF).masked_fill(invalid, float("nan"))
+    entries = Entries(x, m, alpha - 1, compiled)
+    start = _lower_bound(entries, m, alpha, tol, skip, compiled)
+    s, _ = _solve(entries, m, alpha, k, tol, skip, start, compiled)
+    s = s.masked_fill(masked, INF).masked_fill(invalid, float("nan"))
+    return Threshold(m, s, invalid, entries)
 
 
 def entmax_threshold(
@@ -224,11 +281,10 @@ def entmax_threshold(
     rows, restore = to_rows(x.detach(), dim)
     work = compute_dtype(x.dtype)
     per_row = alpha_rows(alpha.detach(), x, dim).to(work) if isinstance(alpha, Tensor) else None
-    tau = torch.empty(rows.shape[0], 1, dtype=work, device=x.device)
+    tau = torch.full((rows.shape[0], 1), float("nan"), dtype=work, device=x.device)
     compiled = wants_compiled(x.numel(), x.device)
     for block in row_blocks(rows.shape[0], rows.shape[1], compiled):
         block_alpha = alpha if per_row is None else per_row[block]
-        m, s = shifted_threshold(rows[block].to(work), block_alpha, k, tol, compiled)
-        tau[block] = (torch.as_tensor(block_alpha, dtype=work) - 1) * m + s
+        found = shifted_threshold(rows[block].to(work), block_alpha, k, tol, compiled)
+        tau[block] = (torch.as_tensor(block_alpha, dtype=work) - 1) * found.m + found.s
     return restore(tau)
-

@@ -1,0 +1,91 @@
+"""The entries a threshold solver iterates on: whole rows, or the blocks that can matter.
+
+An entry whose shifted score y = (alpha-1)(x - m) lies at or below a lower bound
+of the shifted threshold has weight zero (REFERENCE.md section 1: -1 is always
+such a bound, and every solver step from the left gives a tighter one). Rows
+are cut into blocks of ``BLOCK`` entries; once a bound rules out all but a
+small fraction of every row's blocks, the kept blocks are gathered into a
+narrow (rows, K*BLOCK) matrix, padded with -inf blocks for rows that keep
+fewer than K, and the solver continues on it. Thresholds and weights
+computed that way are exact, and far cheaper to iterate on for long,
+attention-like rows. Entries past the last whole block are always kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._compile import row_kernel
+
+BLOCK = 16
+MIN_BLOCKS = 8
+# Gathering costs about two passes over the rows; iterate on the candidates only
+# when they are at most this fraction of each row.
+MAX_KEPT_FRACTION = 0.25
+NARROWING_ATTEMPTS = 3
+# Bounds come from rounded arithmetic: keep blocks this close below them.
+BOUND_MARGIN = 1e-4
+
+
+@row_kernel
+def _block_maxima(tiled: Tensor) -> Tensor:
+    return tiled.amax(-1)
+
+
+class Entries:
+    """The entries of a block of rows x (rows, n) that a solver iterates on (``values``)."""
+
+    def __init__(self, x: Tensor, m: Tensor, scale: Tensor | float, compiled: bool) -> None:
+        self.values = x
+        self.length = x.shape[-1]
+        self.order: Tensor | None = None
+        rows = x.shape[0]
+        blocks = self.length // BLOCK
+        self.whole = blocks * BLOCK
+        self._attempts = NARROWING_ATTEMPTS if blocks >= MIN_BLOCKS else 0
+        if self._attempts:
+            self._tiled = x[:, : self.whole].reshape(rows, blocks, BLOCK)
+            self.block_max = _block_maxima(self._tiled, compiled=compiled)
+            self._shifted_block_max = (self.block_max - m) * scale
+
+    def summary(self) -> Tensor | None:
+        """Block maxima and tail entries: a subset of every row, or None for short rows.
+
+        The threshold of a subset is a lower bound of the row's threshold
+        (fewer terms in a decreasing sum), and a close one for attention-like rows.
+        """
+        if not self._attempts:
+            return None
+        return torch.cat([self.block_max, self.values[:, self.whole :]], -1)
+
+    def narrow(self, lower_bound: Tensor) -> None:
+        """Switch to the candidate blocks if ``lower_bound`` (rows, 1) rules out enough of the rows."""
+        if self._attempts == 0:
+            return
+        self._attempts -= 1
+        keep = self._shifted_block_max > lower_bound - BOUND_MARGIN
+        kept = int(keep.sum(-1).max())
+        if kept * BLOCK + self.length - self.whole > MAX_KEPT_FRACTION * self.length:
+            return
+        rows = keep.shape[0]
+        order = keep.to(torch.uint8).topk(kept, -1, sorted=True).indices
+        gathered = self._tiled.gather(1, order.unsqueeze(-1).expand(rows, kept, BLOCK))
+        gathered = gathered.masked_fill(~keep.gather(1, order).unsqueeze(-1), -torch.inf)
+        tail = self._tiled.new_empty(0) if self.whole == self.length else self.values[:, self.whole :]
+        self.values = torch.cat([gathered.reshape(rows, kept * BLOCK), tail.reshape(rows, -1)], -1)
+        self.order = order
+        self._attempts = 0
+        del self._tiled, self._shifted_block_max, self.block_max
+
+    def expand(self, weights: Tensor) -> Tensor:
+        """Weights of the whole rows (rows, n) from the weights of ``values``; entries left out get zero."""
+        if self.order is None:
+            return weights
+        rows, kept = self.order.shape
+        out = weights.new_zeros(rows, self.length)
+        tiled = out[:, : self.whole].view(rows, -1, BLOCK)
+        gathered = weights[:, : kept * BLOCK].reshape(rows, kept, BLOCK)
+        tiled.scatter_(1, self.order.unsqueeze(-1).expand(rows, kept, BLOCK), gathered)
+        out[:, self.whole :] = weights[:, kept * BLOCK :]
+        return out
