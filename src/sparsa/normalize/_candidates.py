@@ -34,20 +34,35 @@ def _block_maxima(tiled: Tensor) -> Tensor:
 
 
 class Entries:
-    """The entries of a block of rows x (rows, n) that a solver iterates on (``values``)."""
+    """The entries of a block of rows x (rows, n) that a solver iterates on (``values``).
 
-    def __init__(self, x: Tensor, m: Tensor, scale: Tensor | float, compiled: bool) -> None:
+    ``narrowing=False`` keeps whole rows (for problems too small to gain from it).
+    """
+
+    def __init__(self, x: Tensor, compiled: bool, narrowing: bool = True) -> None:
         self.values = x
         self.length = x.shape[-1]
         self.order: Tensor | None = None
-        rows = x.shape[0]
         blocks = self.length // BLOCK
         self.whole = blocks * BLOCK
-        self._attempts = NARROWING_ATTEMPTS if blocks >= MIN_BLOCKS else 0
+        self._attempts = NARROWING_ATTEMPTS if narrowing and blocks >= MIN_BLOCKS else 0
         if self._attempts:
-            self._tiled = x[:, : self.whole].reshape(rows, blocks, BLOCK)
-            self.block_max = _block_maxima(self._tiled, compiled=compiled)
-            self._shifted_block_max = (self.block_max - m) * scale
+            self._tiled = x[:, : self.whole].reshape(x.shape[0], blocks, BLOCK)
+            self._block_max = _block_maxima(self._tiled, compiled=compiled)
+
+    def row_maxima(self) -> Tensor:
+        """Maximum of each row (rows, 1), from the block maxima when there are some."""
+        if not self._attempts:
+            return self.values.amax(-1, keepdim=True)
+        m = self._block_max.amax(-1, keepdim=True)
+        if self.whole < self.length:
+            m = torch.maximum(m, self.values[:, self.whole :].amax(-1, keepdim=True))
+        return m
+
+    def set_shift(self, m: Tensor, scale: Tensor | float) -> None:
+        """Row maxima and alpha - 1: the units of the bounds that :meth:`narrow` receives."""
+        if self._attempts:
+            self._shifted_block_max = (self._block_max - m) * scale
 
     def summary(self) -> Tensor | None:
         """Block maxima and tail entries: a subset of every row, or None for short rows.
@@ -57,7 +72,7 @@ class Entries:
         """
         if not self._attempts:
             return None
-        return torch.cat([self.block_max, self.values[:, self.whole :]], -1)
+        return torch.cat([self._block_max, self.values[:, self.whole :]], -1)
 
     def narrow(self, lower_bound: Tensor) -> None:
         """Switch to the candidate blocks if ``lower_bound`` (rows, 1) rules out enough of the rows."""
@@ -76,7 +91,7 @@ class Entries:
         self.values = torch.cat([gathered.reshape(rows, kept * BLOCK), tail.reshape(rows, -1)], -1)
         self.order = order
         self._attempts = 0
-        del self._tiled, self._shifted_block_max, self.block_max
+        del self._tiled, self._shifted_block_max, self._block_max
 
     def expand(self, weights: Tensor) -> Tensor:
         """Weights of the whole rows (rows, n) from the weights of ``values``; entries left out get zero."""

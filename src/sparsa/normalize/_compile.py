@@ -2,7 +2,8 @@
 
 A kernel is a plain tensor function over a block of rows. Eagerly every
 intermediate is a new tensor, so large inputs are processed in blocks of rows
-small enough to stay in cache; under ``torch.compile`` (inductor) each kernel
+of about a million entries, small enough for the allocator to reuse memory
+instead of mapping fresh pages for every intermediate; under ``torch.compile`` (inductor) each kernel
 becomes one or two fused passes and runs on big blocks. Kernels are compiled
 with dynamic shapes, once per kernel, dtype and layout, so changing lengths do
 not recompile. Compilation costs about a second per kernel on first use (then
@@ -25,8 +26,8 @@ from torch import Tensor
 
 COMPILE_MODES = ("auto", "always", "never")
 AUTO_COMPILE_MIN_NUMEL = 1 << 18
-EAGER_BLOCK_NUMEL = 1 << 16
-COMPILED_BLOCK_NUMEL = 1 << 24
+EAGER_BLOCK_NUMEL = 1 << 20
+COMPILED_BLOCK_NUMEL = 1 << 22
 
 _mode = os.environ.get("SPARSA_COMPILE", "auto")
 

@@ -182,7 +182,11 @@ def _halley(
         if bool(done.all()):
             break
         halley = s - 2 * f * f1 / (2 * f1 * f1 - f * f2)
-        proposal = torch.where(torch.isfinite(halley), halley, s - f / f1)
+        newton = s - f / f1
+        # For 1.5 < alpha <= 2 the curvature sum u^(k-2) is dominated by entries at the edge of
+        # the support and makes Halley steps timid; Newton is the better step there.
+        use_halley = ((power >= 2) | (power < 1)) & torch.isfinite(halley)
+        proposal = torch.where(use_halley, halley, newton)
         inside = (proposal > lo) & (proposal < hi)
         # A step that did not halve the residual is making too little progress: bisect instead.
         progressing = residual <= 0.5 * previous_residual
@@ -238,7 +242,7 @@ def _lower_bound(
     summary = entries.summary()
     if summary is None:
         return bound
-    coarse = Entries(summary, m, alpha - 1, compiled)
+    coarse = Entries(summary, compiled, narrowing=False)
     _, lower = _solve(coarse, m, alpha, None, tol, skip, bound, compiled)
     return torch.where(skip, bound, (lower - BOUND_MARGIN).clamp_min(-1))
 
@@ -247,12 +251,13 @@ def shifted_threshold(
     x: Tensor, alpha: float | Tensor, k: int | None, tol: float | None, compiled: bool
 ) -> Threshold:
     """Thresholds of a block of rows x (rows, n) for alpha a float or a (rows, 1) tensor > 1."""
-    m = x.amax(-1, keepdim=True)
+    entries = Entries(x, compiled)
+    m = entries.row_maxima()
     masked = m == -INF
     invalid = torch.isnan(m) | (m == INF)
     skip = masked | invalid
     m = m.masked_fill(skip, 0)
-    entries = Entries(x, m, alpha - 1, compiled)
+    entries.set_shift(m, alpha - 1)
     start = _lower_bound(entries, m, alpha, tol, skip, compiled)
     s, _ = _solve(entries, m, alpha, k, tol, skip, start, compiled)
     s = s.masked_fill(masked, INF).masked_fill(invalid, float("nan"))
