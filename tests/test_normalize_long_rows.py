@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from oracles import bisection_entmax
 
 import sparsa
+from oracles import bisection_entmax
 from sparsa.normalize import _candidates
 
 ALPHAS = [1.25, 1.5, 1.75, 2.0]
