@@ -33,6 +33,7 @@ class Method:
     alpha: float
     fn: Callable[[torch.Tensor], torch.Tensor]
     counterpart: str | None = None
+    eager: bool = False  # run without compiled kernels, as where no compiler works
 
 
 @dataclass
@@ -63,6 +64,8 @@ def _methods() -> list[Method]:
         Method(
             "sparsa.entmax(alpha=1.75)", 1.75, lambda x: sparsa.entmax(x, 1.75), "entmax.entmax_bisect(1.75)"
         ),
+        Method("sparsa.entmax(alpha=1.5) eager", 1.5, lambda x: sparsa.entmax(x, 1.5), eager=True),
+        Method("sparsa.sparsemax eager", 2.0, sparsa.sparsemax, eager=True),
     ]
     try:
         import entmax
@@ -87,10 +90,12 @@ def _time(
     method: Method, x: torch.Tensor, upstream: torch.Tensor, reference: torch.Tensor, repeats: int
 ) -> tuple[float, float, float, float]:
     """(forward s, forward+backward s, slowest first call s, max abs error) of one method."""
-    first, forward = measure(lambda: method.fn(x), repeats)
-    x_grad = x.clone().requires_grad_()
-    first_backward, both = measure(lambda: method.fn(x_grad).backward(upstream), repeats)
-    error = (method.fn(x).double() - reference).abs().max().item()
+    mode = "never" if method.eager else sparsa.normalize.get_compile_mode()
+    with sparsa.normalize.compile_mode(mode):
+        first, forward = measure(lambda: method.fn(x), repeats)
+        x_grad = x.clone().requires_grad_()
+        first_backward, both = measure(lambda: method.fn(x_grad).backward(upstream), repeats)
+        error = (method.fn(x).double() - reference).abs().max().item()
     return forward, both, max(first, first_backward), error
 
 
