@@ -86,7 +86,9 @@ class Entries:
         rows = keep.shape[0]
         order = keep.to(torch.uint8).topk(kept, -1, sorted=True).indices
         row_index = torch.arange(rows, device=keep.device).unsqueeze(-1)
-        gathered = self._tiled[row_index, order].masked_fill(~keep[row_index, order].unsqueeze(-1), -torch.inf)
+        gathered = self._tiled[row_index, order].masked_fill(
+            ~keep[row_index, order].unsqueeze(-1), -torch.inf
+        )
         tail = self._tiled.new_empty(0) if self.whole == self.length else self.values[:, self.whole :]
         self.values = torch.cat([gathered.reshape(rows, kept * BLOCK), tail.reshape(rows, -1)], -1)
         self.order = order
