@@ -103,28 +103,99 @@ def _softmax_rows(x: Tensor) -> Tensor:
     return p
 
 
-def _entmax_block(
-    x: Tensor, alpha: float | Tensor, k: int | None, tol: float | None, compiled: bool
-) -> Tensor:
-    """alpha-entmax weights of one block of rows (alpha > 1 float, or (rows, 1) >= 1)."""
-    if isinstance(alpha, float) and not is_exact_alpha(alpha):
-        alpha = x.new_full((x.shape[0], 1), alpha)
-    if isinstance(alpha, Tensor):
-        softmax_rows = alpha == 1
-        alpha = torch.where(softmax_rows, 2.0, alpha)
-    found = shifted_threshold(x, alpha, k, tol, compiled)
-    entries = found.entries.values
+@row_kernel
+def _softmax_log_partition(x: Tensor, m: Tensor) -> Tensor:
+    return torch.exp(x - m).sum(-1, keepdim=True).log()
+
+
+@row_kernel
+def _softmax_weights(x: Tensor, m: Tensor, s: Tensor) -> Tensor:
+    return torch.exp(x - m - s)
+
+
+def _softmax_with_threshold(x: Tensor, compiled: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax weights, row maxima m and log-partition s (p = exp(x - m - s)); s = +inf for -inf rows."""
+    m = x.amax(-1, keepdim=True)
+    masked = m == -float("inf")
+    m = m.masked_fill(masked, 0)
+    s = _softmax_log_partition(x, m, compiled=compiled).masked_fill(masked, float("inf"))
+    return _softmax_weights(x, m, s, compiled=compiled), m, s
+
+
+def _weights(x: Tensor, m: Tensor, s: Tensor, alpha: float | Tensor, compiled: bool) -> Tensor:
+    """Weights from row maxima and shifted thresholds, for alpha > 1 (a float, or (rows, 1))."""
     if is_exact_alpha(alpha):
         kernel = _sparsemax_weights if alpha == 2.0 else _entmax15_weights
-        weights = kernel(entries, found.m, found.s, compiled=compiled)
-    else:
-        weights = _tsallis_weights(entries, found.m, alpha - 1, 1 / (alpha - 1), found.s, compiled=compiled)
-    weights = found.entries.expand(weights)
+        return kernel(x, m, s, compiled=compiled)
+    scale = torch.as_tensor(alpha, dtype=x.dtype, device=x.device) - 1
+    return _tsallis_weights(x, m, scale, 1 / scale, s, compiled=compiled)
+
+
+def _split_softmax_rows(x: Tensor, alpha: float | Tensor) -> tuple[float | Tensor, Tensor | None]:
+    """alpha with softmax rows replaced by 2 (so solvers apply), and the mask of those rows."""
+    if isinstance(alpha, float):
+        if is_exact_alpha(alpha):
+            return alpha, None
+        alpha = x.new_full((x.shape[0], 1), alpha)
+    softmax_rows = alpha == 1
+    if not bool(softmax_rows.any()):
+        return alpha, None
+    return torch.where(softmax_rows, 2.0, alpha), softmax_rows
+
+
+def entmax_rows(
+    x: Tensor, alpha: float | Tensor, compiled: bool, k: int | None = None, tol: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha-entmax of a block of rows x (rows, n): weights, row maxima m and thresholds s (rows, 1).
+
+    alpha is a float >= 1 or a (rows, 1) tensor >= 1. With (m, s),
+    :func:`entmax_rows_from_threshold` recomputes the weights from the scores
+    alone (what a memory-efficient backward needs): for alpha > 1, s is the
+    shifted threshold; for softmax rows it is the log-partition.
+    """
+    if isinstance(alpha, float) and alpha == 1.0:
+        return _softmax_with_threshold(x, compiled)
+    alpha, softmax_rows = _split_softmax_rows(x, alpha)
+    found = shifted_threshold(x, alpha, k, tol, compiled)
+    weights = found.entries.expand(_weights(found.entries.values, found.m, found.s, alpha, compiled))
+    m, s = found.m, found.s
     if bool(found.invalid.any()):
         weights = weights.masked_fill(found.invalid, float("nan"))
-    if isinstance(alpha, Tensor) and bool(softmax_rows.any()):
-        weights = torch.where(softmax_rows, _softmax_rows(x), weights)
+    if softmax_rows is not None:
+        soft_weights, soft_m, soft_s = _softmax_with_threshold(x, compiled)
+        weights = torch.where(softmax_rows, soft_weights, weights)
+        m = torch.where(softmax_rows, soft_m, m)
+        s = torch.where(softmax_rows, soft_s, s)
+    return weights, m, s
+
+
+def entmax_rows_from_threshold(
+    x: Tensor, m: Tensor, s: Tensor, alpha: float | Tensor, compiled: bool
+) -> Tensor:
+    """The weights of :func:`entmax_rows` again, from the scores and the (m, s) it returned."""
+    if isinstance(alpha, float) and alpha == 1.0:
+        return _softmax_weights(x, m, s, compiled=compiled)
+    solvable, softmax_rows = _split_softmax_rows(x, alpha)
+    weights = _weights(x, m, s, solvable, compiled)
+    if softmax_rows is not None:
+        weights = torch.where(softmax_rows, _softmax_weights(x, m, s, compiled=compiled), weights)
     return weights
+
+
+def entmax_rows_backward(
+    p: Tensor, dp: Tensor, alpha: float | Tensor, alpha_grad: bool, compiled: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of a block of rows: d scores (rows, n) and, if asked, d alpha (rows, 1)."""
+    if isinstance(alpha, Tensor):
+        grad_x = _entmax_grad(p, dp, alpha, compiled=compiled)
+        return grad_x, _entmax_alpha_grad(p, dp, alpha, compiled=compiled) if alpha_grad else None
+    if alpha == 1.0:
+        return _softmax_grad(p, dp, compiled=compiled), None
+    if alpha == 1.5:
+        return _entmax15_grad(p, dp, compiled=compiled), None
+    if alpha == 2.0:
+        return _sparsemax_grad(p, dp, compiled=compiled), None
+    return _entmax_grad(p, dp, torch.tensor(alpha, dtype=p.dtype), compiled=compiled), None
 
 
 class _EntmaxFunction(torch.autograd.Function):
@@ -137,7 +208,7 @@ class _EntmaxFunction(torch.autograd.Function):
 
         def block(rows: slice) -> Tensor:
             block_alpha = alpha if isinstance(alpha, float) else alpha[rows].to(work)
-            return _entmax_block(x[rows].to(work), block_alpha, k, tol, compiled)
+            return entmax_rows(x[rows].to(work), block_alpha, compiled, k, tol)[0]
 
         out = map_row_blocks(block, x, compiled)
         if isinstance(alpha, Tensor):
@@ -154,30 +225,20 @@ class _EntmaxFunction(torch.autograd.Function):
         work = compute_dtype(out.dtype)
         compiled = wants_compiled(out.numel(), out.device)
 
-        def rows_of(rows: slice) -> tuple[Tensor, Tensor]:
-            return out[rows].to(work), grad_out[rows].to(work)
+        def block_grads(rows: slice, alpha_grad: bool) -> tuple[Tensor, Tensor | None]:
+            block_alpha = alpha[rows].to(work) if isinstance(alpha, Tensor) else alpha
+            p, dp = out[rows].to(work), grad_out[rows].to(work)
+            return entmax_rows_backward(p, dp, block_alpha, alpha_grad, compiled)
 
-        def input_grad(rows: slice) -> Tensor:
-            if isinstance(alpha, Tensor):
-                return _entmax_grad(*rows_of(rows), alpha[rows].to(work), compiled=compiled)
-            return _grad_kernel(alpha, *rows_of(rows), compiled)
-
-        def alpha_grad(rows: slice) -> Tensor:
-            return _entmax_alpha_grad(*rows_of(rows), alpha[rows].to(work), compiled=compiled)
-
-        grad_x = map_row_blocks(input_grad, out, compiled) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = map_row_blocks(lambda rows: block_grads(rows, False)[0], out, compiled)
         grad_alpha = None
         if isinstance(alpha, Tensor) and ctx.needs_input_grad[1]:
-            grad_alpha = map_row_blocks(alpha_grad, alpha, compiled, length=out.shape[1])
+            grad_alpha = map_row_blocks(
+                lambda rows: block_grads(rows, True)[1], alpha, compiled, length=out.shape[1]
+            )
         return grad_x, grad_alpha, None, None
-
-
-def _grad_kernel(alpha: float, p: Tensor, dp: Tensor, compiled: bool) -> Tensor:
-    if alpha == 1.5:
-        return _entmax15_grad(p, dp, compiled=compiled)
-    if alpha == 2.0:
-        return _sparsemax_grad(p, dp, compiled=compiled)
-    return _entmax_grad(p, dp, torch.tensor(alpha, dtype=p.dtype), compiled=compiled)
 
 
 class _SoftmaxFunction(torch.autograd.Function):
