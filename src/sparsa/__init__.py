@@ -2,6 +2,7 @@
 
 from . import normalize
 from ._version import __version__
+from .attention import AttentionStats, KeyPadding, attention
 from .normalize import (
     entmax,
     entmax15,
@@ -15,7 +16,10 @@ from .normalize import (
 )
 
 __all__ = [
+    "AttentionStats",
+    "KeyPadding",
     "__version__",
+    "attention",
     "entmax",
     "entmax15",
     "entmax15_loss",

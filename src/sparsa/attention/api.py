@@ -1,0 +1,133 @@
+"""sparsa.attention: q, k, v -> output, one function over every backend."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from .blocked import blocked_attention
+from .masks import KeyPadding, ScoreBias
+from .reference import reference_attention
+from .stats import AttentionStats
+
+BACKENDS = {"reference": reference_attention, "blocked": blocked_attention}
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    alpha: float | Tensor = 1.5,
+    is_causal: bool = False,
+    attn_mask: Tensor | KeyPadding | None = None,
+    scale: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, AttentionStats]:
+    """alpha-entmax attention: entmax_alpha(scale * q k^T + bias) v.
+
+    Args:
+        q: queries (B, H, Nq, D).
+        k, v: keys (B, Hkv, Nk, D) and values (B, Hkv, Nk, Dv), H divisible by
+            Hkv (grouped-query attention; K and V are never repeated).
+        alpha: >= 1; a float (1.0 is softmax, 1.5 the usual sparse choice) or
+            a tensor (H,) with one alpha per head, whose gradient is computed.
+        is_causal: each query sees keys up to its position; with Nq <= Nk
+            query i sits at position Nk - Nq + i (chunked prefill, decoding).
+        attn_mask: bool (True = keep) or float (added to the scores) tensor
+            broadcastable to (B, H, Nq, Nk), or a :class:`KeyPadding` of
+            per-batch key counts (left or right padding) without a mask tensor.
+        scale: multiplies q k^T; default 1/sqrt(D).
+        alibi_slopes: (H,) or (B, H); adds slope * (key_pos - query_pos).
+        backend: "reference" (dense, the ground truth), "blocked"
+            (memory-efficient, O(N) extra memory per head) or "auto".
+        return_stats: also return :class:`AttentionStats` (per-row tau and
+            support size, skipped fraction).
+
+    Rows with no visible key give zeros and zero gradients.
+    """
+    _check_qkv(q, k, v)
+    batch, heads, n_q, dim = q.shape
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and n_q > k.shape[2]:
+        raise ValueError(
+            f"is_causal needs Nq <= Nk (queries aligned to the end of the keys), got {n_q} > {k.shape[2]}"
+        )
+    alpha = _check_alpha(alpha, heads, q.device)
+    scale = 1 / math.sqrt(dim) if scale is None else _check_scale(scale)
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
+    if alibi_slopes is not None and alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
+    if isinstance(attn_mask, Tensor) and attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
+    bias = ScoreBias(
+        batch,
+        heads,
+        n_q,
+        k.shape[2],
+        is_causal=is_causal,
+        attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes,
+        device=q.device,
+    )
+    run = BACKENDS["blocked" if backend == "auto" else backend]
+    out, stats = run(q, k, v, alpha, bias, scale)
+    return (out, stats) if return_stats else out
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(
+            f"q, k and v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}"
+        )
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must share heads and length, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"heads of q ({q.shape[1]}) must be a multiple of heads of k and v ({k.shape[1]})")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+
+
+def _check_alpha(alpha: float | Tensor, heads: int, device: torch.device) -> float | Tensor:
+    if isinstance(alpha, Tensor):
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a float or a floating-point tensor (H,), got {alpha.dtype}")
+        if alpha.shape != (heads,):
+            raise ValueError(
+                f"alpha as a tensor must have shape ({heads},) (one per head), got {tuple(alpha.shape)}"
+            )
+        if alpha.device != device:
+            raise ValueError(f"alpha is on {alpha.device}, q on {device}")
+        values = alpha.detach()
+        if bool((torch.isnan(values) | torch.isinf(values) | (values < 1)).any()):
+            raise ValueError("alpha must be finite and >= 1 for every head")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise TypeError(f"alpha must be a float or a tensor (H,), got {type(alpha).__name__}")
+    if math.isnan(alpha) or math.isinf(alpha) or alpha < 1:
+        raise ValueError(f"alpha must be finite and >= 1, got {alpha}")
+    return float(alpha)
+
+
+def _check_scale(scale: float) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)

@@ -1,0 +1,141 @@
+"""Everything that is added to or masks attention scores, computed once per block.
+
+Positions follow torch's convention for ``is_causal`` with Nq <= Nk: query i
+sits at position Nk - Nq + i and key j at position j, so a chunk of queries
+at the end of a longer key sequence (chunked prefill, one-token decoding)
+sees the same causal mask and ALiBi biases as in the full sequence. Every
+backend builds its biases here, block by block, so no backend re-derives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class KeyPadding:
+    """Key padding given by lengths instead of an (Nq, Nk) mask.
+
+    ``lengths`` (B,) counts the real keys of each batch entry; they are the
+    first ``lengths[b]`` keys (``side="right"``: padding after them) or the
+    last ones (``side="left"``: padding before them).
+    """
+
+    lengths: Tensor
+    side: str = "right"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lengths, Tensor) or self.lengths.dim() != 1:
+            raise ValueError("KeyPadding.lengths must be a 1-d tensor of per-batch key counts")
+        if self.lengths.is_floating_point() or self.lengths.is_complex():
+            raise TypeError("KeyPadding.lengths must be an integer tensor")
+        if self.side not in ("left", "right"):
+            raise ValueError(f"KeyPadding.side must be 'left' or 'right', got {self.side!r}")
+
+
+class ScoreBias:
+    """Causal mask, ALiBi, an explicit mask and key padding for scores of shape (B, H, Nq, Nk)."""
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        n_q: int,
+        n_k: int,
+        *,
+        is_causal: bool,
+        attn_mask: Tensor | KeyPadding | None,
+        alibi_slopes: Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.n_q, self.n_k = n_q, n_k
+        self.offset = n_k - n_q
+        self.is_causal = is_causal
+        self.device = device
+        self.mask: Tensor | None = None
+        self.padding_lengths: Tensor | None = None  # (B, 1, 1, 1)
+        self.padding_side = "right"
+        if isinstance(attn_mask, KeyPadding):
+            if attn_mask.lengths.shape[0] != batch:
+                raise ValueError(
+                    f"KeyPadding.lengths has {attn_mask.lengths.shape[0]} entries for a batch of {batch}"
+                )
+            if bool(((attn_mask.lengths < 0) | (attn_mask.lengths > n_k)).any()):
+                raise ValueError(f"KeyPadding.lengths must lie in [0, {n_k}]")
+            self.padding_lengths = attn_mask.lengths.to(device).view(-1, 1, 1, 1)
+            self.padding_side = attn_mask.side
+        elif attn_mask is not None:
+            self.mask = _check_mask(attn_mask, (batch, heads, n_q, n_k))
+        self.slopes = None if alibi_slopes is None else _check_slopes(alibi_slopes, batch, heads)
+
+    @property
+    def is_empty(self) -> bool:
+        return (
+            not self.is_causal and self.mask is None and self.padding_lengths is None and self.slopes is None
+        )
+
+    def key_end(self, q_end: int) -> int:
+        """Keys at or after this index are masked for every query before ``q_end``."""
+        return min(self.n_k, self.offset + q_end) if self.is_causal else self.n_k
+
+    def block(self, q_start: int, q_end: int, k_start: int, k_end: int, dtype: torch.dtype) -> Tensor | None:
+        """Additive bias (-inf = masked) broadcastable to (B, H, q_end - q_start, k_end - k_start)."""
+        if self.is_empty:
+            return None
+        q_pos = torch.arange(q_start, q_end, device=self.device).view(-1, 1) + self.offset
+        k_pos = torch.arange(k_start, k_end, device=self.device).view(1, -1)
+        bias = torch.zeros((), dtype=dtype, device=self.device)
+        if self.slopes is not None:
+            bias = bias + self.slopes.to(dtype) * (k_pos - q_pos).to(dtype)
+        blocked = torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.is_causal:
+            blocked = blocked | (k_pos > q_pos)
+        if self.padding_lengths is not None:
+            lengths = self.padding_lengths
+            pad = k_pos >= lengths if self.padding_side == "right" else k_pos < self.n_k - lengths
+            blocked = blocked | pad
+        if self.mask is not None:
+            mask = self.mask
+            mask = mask[..., q_start:q_end, :] if mask.shape[-2] > 1 else mask
+            mask = mask[..., k_start:k_end] if mask.shape[-1] > 1 else mask
+            if mask.dtype == torch.bool:
+                blocked = blocked | ~mask
+            else:
+                bias = bias + mask.to(dtype)
+        return torch.where(blocked, NEG_INF, bias)
+
+
+def _check_mask(mask: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attn_mask must be a tensor, a KeyPadding or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"attn_mask must be bool (True = keep) or floating (added to scores), got {mask.dtype}"
+        )
+    if mask.dim() > 4:
+        raise ValueError(f"attn_mask has {mask.dim()} dimensions; at most 4 (B, H, Nq, Nk)")
+    if mask.requires_grad:
+        raise ValueError("attn_mask must not require grad: sparsa does not differentiate through masks")
+    mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    try:
+        torch.broadcast_shapes(mask.shape, shape)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {shape}") from None
+    return mask
+
+
+def _check_slopes(slopes: Tensor, batch: int, heads: int) -> Tensor:
+    if not isinstance(slopes, Tensor) or not slopes.is_floating_point():
+        raise TypeError("alibi_slopes must be a floating-point tensor of shape (H,) or (B, H)")
+    if slopes.shape == (heads,):
+        return slopes.view(1, heads, 1, 1)
+    if slopes.shape == (batch, heads):
+        return slopes.view(batch, heads, 1, 1)
+    raise ValueError(
+        f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(slopes.shape)}"
+    )

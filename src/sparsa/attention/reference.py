@@ -1,0 +1,47 @@
+"""The dense reference backend: the whole (Nq, Nk) score matrix, autograd for the backward.
+
+Straightforward on purpose: it is the ground truth every other backend is
+tested against, on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..normalize import entmax
+from ..normalize._validate import compute_dtype
+from .masks import ScoreBias
+from .stats import AttentionStats, thresholds_of
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    bias: ScoreBias,
+    scale: float,
+) -> tuple[Tensor, AttentionStats]:
+    """alpha-entmax attention of (B, H, Nq, D) queries over (B, Hkv, Nk, D) keys; alpha float or (H,)."""
+    batch, heads, n_q, _ = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    work = compute_dtype(q.dtype)
+    # Heads h = g_kv * group + j share key/value head g_kv: group the queries instead of repeating K and V.
+    grouped_q = q.to(work).reshape(batch, kv_heads, group * n_q, -1)
+    scores = (scale * grouped_q @ k.to(work).transpose(-1, -2)).view(batch, heads, n_q, n_k)
+    block_bias = bias.block(0, n_q, 0, n_k, work)
+    if block_bias is not None:
+        scores = scores + block_bias
+    head_alpha = alpha if isinstance(alpha, float) else alpha.to(work).view(1, heads, 1, 1)
+    weights = entmax(scores, head_alpha, dim=-1)
+    out = weights.view(batch, kv_heads, group * n_q, n_k) @ v.to(work)
+    out = out.view(batch, heads, n_q, -1).to(q.dtype)
+    with torch.no_grad():
+        stats = AttentionStats(
+            tau=thresholds_of(scores, weights, head_alpha),
+            support=(weights > 0).sum(-1),
+            skipped_fraction=0.0,
+        )
+    return out, stats
