@@ -78,7 +78,7 @@ def attention(
         device=q.device,
     )
     run = BACKENDS["blocked" if backend == "auto" else backend]
-    out, stats = run(q, k, v, alpha, bias, scale)
+    out, stats = run(q, k, v, alpha, bias, scale, return_stats)
     return (out, stats) if return_stats else out
 
 

@@ -26,7 +26,7 @@ from .masks import ScoreBias
 from .stats import AttentionStats
 
 # Score entries held at once per query block (all heads together): bounds memory, not work.
-SCORE_BLOCK_BUDGET = 1 << 24
+SCORE_BLOCK_BUDGET = 1 << 22
 MAX_QUERY_BLOCK = 512
 MIN_QUERY_BLOCK = 16
 
@@ -62,11 +62,8 @@ class _Layout:
     def scores(self, q_rows: Tensor, k: Tensor, scale: float, start: int, end: int, keys: int) -> Tensor:
         """Biased scores of a query block as (B * H * rows, keys)."""
         scores = (scale * q_rows) @ k[:, :, :keys].transpose(-1, -2)
-        scores = scores.view(self.batch, self.heads, end - start, keys)
-        block_bias = self.bias.block(start, end, 0, keys, self.work)
-        if block_bias is not None:
-            scores = scores + block_bias
-        return scores.reshape(-1, keys)
+        scores = self.bias.apply_(scores.view(self.batch, self.heads, end - start, keys), start, end)
+        return scores.view(-1, keys)
 
     def row_alpha(self, start: int, end: int) -> float | Tensor:
         if isinstance(self.alpha, float):
@@ -77,7 +74,7 @@ class _Layout:
 
 class BlockedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha_tensor, alpha_float, bias, scale):
+    def forward(ctx, q, k, v, alpha_tensor, alpha_float, bias, scale, count_support):
         alpha = alpha_float if alpha_tensor is None else alpha_tensor.detach()
         layout = _Layout(q, k, v, alpha, bias)
         k_work, v_work = k.to(layout.work), v.to(layout.work)
@@ -98,9 +95,10 @@ class BlockedAttention(torch.autograd.Function):
             out[:, :, start:end] = block_out.to(out.dtype)
             m[:, :, start:end] = block_m.view(layout.batch, layout.heads, -1)
             s[:, :, start:end] = block_s.view(layout.batch, layout.heads, -1)
-            support[:, :, start:end] = (weights > 0).sum(-1).view(layout.batch, layout.heads, -1)
+            if count_support:
+                support[:, :, start:end] = (weights > 0).sum(-1).view(layout.batch, layout.heads, -1)
             computed += (end - start) * keys
-        ctx.save_for_backward(q, k, v, out, m, s, alpha_tensor)
+        ctx.save_for_backward(q, k, v, m, s, alpha_tensor)
         ctx.layout_args = (alpha, bias, scale)
         skipped = torch.tensor(1 - computed / max(1, layout.n_q * layout.n_k))
         ctx.mark_non_differentiable(m, s, support, skipped)
@@ -108,7 +106,7 @@ class BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        q, k, v, out, m, s, alpha_tensor = ctx.saved_tensors
+        q, k, v, m, s, alpha_tensor = ctx.saved_tensors
         alpha, bias, scale = ctx.layout_args
         layout = _Layout(q, k, v, alpha, bias)
         k_work, v_work = k.to(layout.work), v.to(layout.work)
@@ -150,16 +148,19 @@ class BlockedAttention(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 def blocked_attention(
-    q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, bias: ScoreBias, scale: float
-) -> tuple[Tensor, AttentionStats]:
+    q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, bias: ScoreBias, scale: float, stats: bool
+) -> tuple[Tensor, AttentionStats | None]:
     """alpha-entmax attention without materialising (Nq, Nk); alpha float or (H,)."""
     alpha_tensor = alpha if isinstance(alpha, Tensor) else None
     alpha_float = alpha if isinstance(alpha, float) else None
-    out, m, s, support, skipped = BlockedAttention.apply(q, k, v, alpha_tensor, alpha_float, bias, scale)
+    out, m, s, support, skipped = BlockedAttention.apply(q, k, v, alpha_tensor, alpha_float, bias, scale, stats)
+    if not stats:
+        return out, None
     heads = q.shape[1]
     alpha_rows = (
         torch.as_tensor(alpha_float)

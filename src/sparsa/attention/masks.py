@@ -73,41 +73,39 @@ class ScoreBias:
             self.mask = _check_mask(attn_mask, (batch, heads, n_q, n_k))
         self.slopes = None if alibi_slopes is None else _check_slopes(alibi_slopes, batch, heads)
 
-    @property
-    def is_empty(self) -> bool:
-        return (
-            not self.is_causal and self.mask is None and self.padding_lengths is None and self.slopes is None
-        )
-
     def key_end(self, q_end: int) -> int:
         """Keys at or after this index are masked for every query before ``q_end``."""
         return min(self.n_k, self.offset + q_end) if self.is_causal else self.n_k
 
-    def block(self, q_start: int, q_end: int, k_start: int, k_end: int, dtype: torch.dtype) -> Tensor | None:
-        """Additive bias (-inf = masked) broadcastable to (B, H, q_end - q_start, k_end - k_start)."""
-        if self.is_empty:
-            return None
+    def apply_(self, scores: Tensor, q_start: int, q_end: int) -> Tensor:
+        """Add the biases in place to scores (B, H, q_end - q_start, keys) of keys 0..keys-1; returns scores.
+
+        Works in place so that no second (rows, keys) tensor is allocated per
+        block; the causal mask touches only the keys past the block's first
+        query position.
+        """
+        keys = scores.shape[-1]
         q_pos = torch.arange(q_start, q_end, device=self.device).view(-1, 1) + self.offset
-        k_pos = torch.arange(k_start, k_end, device=self.device).view(1, -1)
-        bias = torch.zeros((), dtype=dtype, device=self.device)
         if self.slopes is not None:
-            bias = bias + self.slopes.to(dtype) * (k_pos - q_pos).to(dtype)
-        blocked = torch.zeros((), dtype=torch.bool, device=self.device)
+            k_pos = torch.arange(keys, device=self.device).view(1, -1)
+            scores.add_(self.slopes.to(scores.dtype) * (k_pos - q_pos).to(scores.dtype))
         if self.is_causal:
-            blocked = blocked | (k_pos > q_pos)
+            first = max(0, min(keys, q_start + self.offset + 1))
+            k_pos = torch.arange(first, keys, device=self.device).view(1, -1)
+            scores[..., first:].masked_fill_(k_pos > q_pos, NEG_INF)
         if self.padding_lengths is not None:
+            k_pos = torch.arange(keys, device=self.device).view(1, -1)
             lengths = self.padding_lengths
             pad = k_pos >= lengths if self.padding_side == "right" else k_pos < self.n_k - lengths
-            blocked = blocked | pad
+            scores.masked_fill_(pad, NEG_INF)
         if self.mask is not None:
-            mask = self.mask
-            mask = mask[..., q_start:q_end, :] if mask.shape[-2] > 1 else mask
-            mask = mask[..., k_start:k_end] if mask.shape[-1] > 1 else mask
+            mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
+            mask = mask[..., :keys] if mask.shape[-1] > 1 else mask
             if mask.dtype == torch.bool:
-                blocked = blocked | ~mask
+                scores.masked_fill_(~mask, NEG_INF)
             else:
-                bias = bias + mask.to(dtype)
-        return torch.where(blocked, NEG_INF, bias)
+                scores.add_(mask.to(scores.dtype))
+        return scores
 
 
 def _check_mask(mask: Tensor, shape: tuple[int, int, int, int]) -> Tensor:

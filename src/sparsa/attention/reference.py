@@ -22,7 +22,8 @@ def reference_attention(
     alpha: float | Tensor,
     bias: ScoreBias,
     scale: float,
-) -> tuple[Tensor, AttentionStats]:
+    stats: bool,
+) -> tuple[Tensor, AttentionStats | None]:
     """alpha-entmax attention of (B, H, Nq, D) queries over (B, Hkv, Nk, D) keys; alpha float or (H,)."""
     batch, heads, n_q, _ = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -31,17 +32,16 @@ def reference_attention(
     # Heads h = g_kv * group + j share key/value head g_kv: group the queries instead of repeating K and V.
     grouped_q = q.to(work).reshape(batch, kv_heads, group * n_q, -1)
     scores = (scale * grouped_q @ k.to(work).transpose(-1, -2)).view(batch, heads, n_q, n_k)
-    block_bias = bias.block(0, n_q, 0, n_k, work)
-    if block_bias is not None:
-        scores = scores + block_bias
+    scores = bias.apply_(scores, 0, n_q)
     head_alpha = alpha if isinstance(alpha, float) else alpha.to(work).view(1, heads, 1, 1)
     weights = entmax(scores, head_alpha, dim=-1)
     out = weights.view(batch, kv_heads, group * n_q, n_k) @ v.to(work)
     out = out.view(batch, heads, n_q, -1).to(q.dtype)
+    if not stats:
+        return out, None
     with torch.no_grad():
-        stats = AttentionStats(
+        return out, AttentionStats(
             tau=thresholds_of(scores, weights, head_alpha),
             support=(weights > 0).sum(-1),
             skipped_fraction=0.0,
         )
-    return out, stats
