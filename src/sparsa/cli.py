@@ -19,10 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     normalizers = benchmarks.add_parser(
         "normalizers", help="softmax, sparsemax and entmax against torch.softmax and the entmax package"
     )
+    from .benchmarks import attention as attention_bench
     from .benchmarks import normalizers as normalizer_bench
 
     normalizer_bench.add_arguments(normalizers)
     normalizers.set_defaults(run=normalizer_bench.run_from_args)
+    attention = benchmarks.add_parser(
+        "attention", help="blocked 1.5-entmax attention against torch SDPA and a dense entmax pipeline"
+    )
+    attention_bench.add_arguments(attention)
+    attention.set_defaults(run=attention_bench.run_from_args)
     return parser
 
 

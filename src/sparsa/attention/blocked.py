@@ -158,7 +158,9 @@ def blocked_attention(
     """alpha-entmax attention without materialising (Nq, Nk); alpha float or (H,)."""
     alpha_tensor = alpha if isinstance(alpha, Tensor) else None
     alpha_float = alpha if isinstance(alpha, float) else None
-    out, m, s, support, skipped = BlockedAttention.apply(q, k, v, alpha_tensor, alpha_float, bias, scale, stats)
+    out, m, s, support, skipped = BlockedAttention.apply(
+        q, k, v, alpha_tensor, alpha_float, bias, scale, stats
+    )
     if not stats:
         return out, None
     heads = q.shape[1]
