@@ -59,11 +59,14 @@ class _Layout:
         rows = x[:, :, start:end].to(self.work)
         return rows.reshape(self.batch, self.kv_heads, self.group * (end - start), -1)
 
-    def scores(self, q_rows: Tensor, k: Tensor, scale: float, start: int, end: int, keys: int) -> Tensor:
-        """Biased scores of a query block as (B * H * rows, keys)."""
-        scores = (scale * q_rows) @ k[:, :, :keys].transpose(-1, -2)
-        scores = self.bias.apply_(scores.view(self.batch, self.heads, end - start, keys), start, end)
-        return scores.view(-1, keys)
+    def scores(self, q_rows: Tensor, k: Tensor, scale: float, start: int, end: int, keys: slice) -> Tensor:
+        """Biased scores of a query block against a range of keys, as (B * H * rows, width)."""
+        scores = (scale * q_rows) @ k[:, :, keys].transpose(-1, -2)
+        width = scores.shape[-1]
+        scores = self.bias.apply_(
+            scores.view(self.batch, self.heads, end - start, width), start, end, keys.start
+        )
+        return scores.view(-1, width)
 
     def row_alpha(self, start: int, end: int) -> float | Tensor:
         if isinstance(self.alpha, float):
@@ -82,32 +85,40 @@ class BlockedAttention(torch.autograd.Function):
         m = q.new_zeros(layout.batch, layout.heads, layout.n_q, dtype=layout.work)
         s = torch.full_like(m, float("inf"))
         support = torch.zeros(m.shape, dtype=torch.long, device=q.device)
-        computed = 0
+        # Per query block, the keys that carry weight: those before the first one that does in
+        # any row are proven zero here and skipped by every later pass (weights @ V, the backward).
+        key_ranges = []
         for start, end, keys in layout.blocks():
             if keys == 0:
+                key_ranges.append(slice(0, 0))
                 continue
-            scores = layout.scores(layout.grouped(q, start, end), k_work, scale, start, end, keys)
+            q_rows = layout.grouped(q, start, end)
+            scores = layout.scores(q_rows, k_work, scale, start, end, slice(0, keys))
             weights, block_m, block_s = entmax_rows(scores, layout.row_alpha(start, end), layout.compiled)
-            grouped_weights = weights.view(layout.batch, layout.kv_heads, -1, keys)
-            block_out = (grouped_weights @ v_work[:, :, :keys]).view(
-                layout.batch, layout.heads, end - start, -1
-            )
-            out[:, :, start:end] = block_out.to(out.dtype)
+            live = weights.amax(0) > 0
+            first = int(live.to(torch.uint8).argmax()) if bool(live.any()) else keys
+            key_ranges.append(slice(first, keys))
+            grouped_weights = weights.view(layout.batch, layout.kv_heads, -1, keys)[..., first:]
+            block_out = grouped_weights @ v_work[:, :, first:keys]
+            out[:, :, start:end] = block_out.view(layout.batch, layout.heads, end - start, -1).to(out.dtype)
             m[:, :, start:end] = block_m.view(layout.batch, layout.heads, -1)
             s[:, :, start:end] = block_s.view(layout.batch, layout.heads, -1)
             if count_support:
                 support[:, :, start:end] = (weights > 0).sum(-1).view(layout.batch, layout.heads, -1)
-            computed += (end - start) * keys
         ctx.save_for_backward(q, k, v, m, s, alpha_tensor)
-        ctx.layout_args = (alpha, bias, scale)
-        skipped = torch.tensor(1 - computed / max(1, layout.n_q * layout.n_k))
+        ctx.layout_args = (alpha, bias, scale, key_ranges)
+        kept = sum(
+            (end - start) * (keys.stop - keys.start)
+            for (start, end, _), keys in zip(layout.blocks(), key_ranges, strict=True)
+        )
+        skipped = torch.tensor(1 - kept / max(1, layout.n_q * layout.n_k))
         ctx.mark_non_differentiable(m, s, support, skipped)
         return out, m, s, support, skipped
 
     @staticmethod
     def backward(ctx, grad_out, *_):
         q, k, v, m, s, alpha_tensor = ctx.saved_tensors
-        alpha, bias, scale = ctx.layout_args
+        alpha, bias, scale, key_ranges = ctx.layout_args
         layout = _Layout(q, k, v, alpha, bias)
         k_work, v_work = k.to(layout.work), v.to(layout.work)
         grad_q = torch.zeros(q.shape, dtype=layout.work, device=q.device)
@@ -115,8 +126,8 @@ class BlockedAttention(torch.autograd.Function):
         grad_v = torch.zeros(v.shape, dtype=layout.work, device=v.device)
         alpha_grad = alpha_tensor is not None and ctx.needs_input_grad[3]
         grad_alpha = torch.zeros(layout.heads, dtype=layout.work, device=q.device) if alpha_grad else None
-        for start, end, keys in layout.blocks():
-            if keys == 0:
+        for (start, end, _), keys in zip(layout.blocks(), key_ranges, strict=True):
+            if keys.start == keys.stop:
                 continue
             q_rows = layout.grouped(q, start, end)
             scores = layout.scores(q_rows, k_work, scale, start, end, keys)
@@ -125,19 +136,18 @@ class BlockedAttention(torch.autograd.Function):
             block_s = s[:, :, start:end].reshape(-1, 1)
             weights = entmax_rows_from_threshold(scores, block_m, block_s, row_alpha, layout.compiled)
             del scores
+            width = weights.shape[-1]
             grad_rows = layout.grouped(grad_out, start, end)
-            grad_weights = (grad_rows @ v_work[:, :, :keys].transpose(-1, -2)).reshape(-1, keys)
+            grad_weights = (grad_rows @ v_work[:, :, keys].transpose(-1, -2)).reshape(-1, width)
             grad_scores, grad_row_alpha = entmax_rows_backward(
                 weights, grad_weights, row_alpha, alpha_grad, layout.compiled
             )
-            grad_scores = grad_scores.view(layout.batch, layout.kv_heads, -1, keys) * scale
-            grouped_weights = weights.view(layout.batch, layout.kv_heads, -1, keys)
-            block_grad_q = (grad_scores @ k_work[:, :, :keys]).view(
-                layout.batch, layout.heads, end - start, -1
-            )
-            grad_q[:, :, start:end] = block_grad_q
-            grad_k[:, :, :keys] += grad_scores.transpose(-1, -2) @ q_rows
-            grad_v[:, :, :keys] += grouped_weights.transpose(-1, -2) @ grad_rows
+            grad_scores = grad_scores.view(layout.batch, layout.kv_heads, -1, width) * scale
+            grouped_weights = weights.view(layout.batch, layout.kv_heads, -1, width)
+            block_grad_q = grad_scores @ k_work[:, :, keys]
+            grad_q[:, :, start:end] = block_grad_q.view(layout.batch, layout.heads, end - start, -1)
+            grad_k[:, :, keys] += grad_scores.transpose(-1, -2) @ q_rows
+            grad_v[:, :, keys] += grouped_weights.transpose(-1, -2) @ grad_rows
             if grad_alpha is not None:
                 grad_alpha += grad_row_alpha.view(layout.batch, layout.heads, -1).sum((0, 2))
         return (

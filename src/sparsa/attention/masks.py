@@ -77,30 +77,30 @@ class ScoreBias:
         """Keys at or after this index are masked for every query before ``q_end``."""
         return min(self.n_k, self.offset + q_end) if self.is_causal else self.n_k
 
-    def apply_(self, scores: Tensor, q_start: int, q_end: int) -> Tensor:
-        """Add the biases in place to scores (B, H, q_end - q_start, keys) of keys 0..keys-1; returns scores.
+    def apply_(self, scores: Tensor, q_start: int, q_end: int, k_start: int = 0) -> Tensor:
+        """Add the biases in place to scores (B, H, q_end - q_start, width) of keys from k_start on.
 
         Works in place so that no second (rows, keys) tensor is allocated per
         block; the causal mask touches only the keys past the block's first
         query position.
         """
-        keys = scores.shape[-1]
+        k_end = k_start + scores.shape[-1]
         q_pos = torch.arange(q_start, q_end, device=self.device).view(-1, 1) + self.offset
         if self.slopes is not None:
-            k_pos = torch.arange(keys, device=self.device).view(1, -1)
+            k_pos = torch.arange(k_start, k_end, device=self.device).view(1, -1)
             scores.add_(self.slopes.to(scores.dtype) * (k_pos - q_pos).to(scores.dtype))
         if self.is_causal:
-            first = max(0, min(keys, q_start + self.offset + 1))
-            k_pos = torch.arange(first, keys, device=self.device).view(1, -1)
-            scores[..., first:].masked_fill_(k_pos > q_pos, NEG_INF)
+            first = max(k_start, min(k_end, q_start + self.offset + 1))
+            k_pos = torch.arange(first, k_end, device=self.device).view(1, -1)
+            scores[..., first - k_start :].masked_fill_(k_pos > q_pos, NEG_INF)
         if self.padding_lengths is not None:
-            k_pos = torch.arange(keys, device=self.device).view(1, -1)
+            k_pos = torch.arange(k_start, k_end, device=self.device).view(1, -1)
             lengths = self.padding_lengths
             pad = k_pos >= lengths if self.padding_side == "right" else k_pos < self.n_k - lengths
             scores.masked_fill_(pad, NEG_INF)
         if self.mask is not None:
             mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
-            mask = mask[..., :keys] if mask.shape[-1] > 1 else mask
+            mask = mask[..., k_start:k_end] if mask.shape[-1] > 1 else mask
             if mask.dtype == torch.bool:
                 scores.masked_fill_(~mask, NEG_INF)
             else:

@@ -13,7 +13,8 @@ class AttentionStats:
     """tau (B, H, Nq): the entmax threshold of each query row in units of (alpha-1) * score
     (the log-partition for softmax rows; +inf for rows with no visible key);
     support (B, H, Nq): the number of keys with nonzero weight;
-    skipped_fraction: the share of the (Nq, Nk) score entries the backend never computed."""
+    skipped_fraction: the share of the (Nq, Nk) score entries that the passes after the first
+    (weights @ V and the whole backward) skip, being masked by causality or proven zero."""
 
     tau: Tensor
     support: Tensor
