@@ -22,7 +22,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/sparsa bench normalizers --out results/bench
 
-bench: demo
+bench: setup
+	$(BIN)/sparsa bench normalizers --out results/bench
+	$(BIN)/sparsa bench attention --out results/bench
 
 lint: setup
 	$(BIN)/ruff check .

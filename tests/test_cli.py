@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 import sparsa
 from sparsa.cli import main
 
@@ -30,3 +32,36 @@ def test_bench_normalizers_quick_writes_table_and_json(tmp_path, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "bench" in capsys.readouterr().out
+
+
+def test_attention_benchmark_inputs_and_table():
+    from sparsa.benchmarks import attention as bench
+
+    q, k, _ = bench.make_inputs(128, "trained", seed=0)
+    scores = (q @ k.transpose(-1, -2)) / bench.HEAD_DIM**0.5
+    visible = torch.ones(128, 128, dtype=torch.bool).tril()
+    top = scores.masked_fill(~visible, -torch.inf).topk(2, -1).values
+    # Trained-like: each query has a key that stands far above the typical score.
+    assert (top[..., 0] - scores.masked_fill(~visible, 0).std()).median() > 3
+    row = {
+        "length": 128,
+        "scores": "trained",
+        "method": "sparsa",
+        "forward_s": 0.5,
+        "forward_backward_s": 1.0,
+        "forward_backward_peak_mib": 12.0,
+        "forward_vs_sdpa": 2.0,
+        "forward_backward_vs_sdpa": 1.5,
+        "skipped_fraction": 0.5,
+        "mean_support": 2.0,
+    }
+    table = bench.markdown_table({"rows": [row]})
+    assert "| 128 | trained | sparsa | 0.500 | 2.00x |  | 1.000 | 1.50x |  | 12 | 0.50 | 2.0 |" in table
+
+
+def test_bench_attention_command_is_registered(capsys):
+    try:
+        main(["bench", "attention", "--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert "--lengths" in capsys.readouterr().out

@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ HEADS, HEAD_DIM = 8, 64
 DENSE_MAX_LENGTH = 4096  # the dense pipeline holds (H, N, N) scores several times over
 METHODS = ("sdpa", "sparsa", "dense-entmax")
 TARGETED_KEYS = 3
+WARM_UP_LENGTH = 256
 
 
 def make_inputs(length: int, kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,23 +87,27 @@ def _measure(method: str, length: int, kind: str, backward: bool, repeats: int, 
     if backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     upstream = torch.randn(1, HEADS, length, HEAD_DIM)
-    times = []
-    peak = 0
-    # A first call warms up libraries and compiled kernels and is not counted; at lengths where one
-    # call takes minutes that warm-up is negligible and skipped.
-    warm_up = 1 if length <= 16384 else 0
-    for _ in range(repeats + warm_up):
-        _reset_peak()
-        baseline = _status_kib("VmRSS")
+
+    def call(q, k, v, upstream) -> float:
         start = time.perf_counter()
         out = _run(method, q, k, v)
         if backward:
             out.backward(upstream)
             q.grad = k.grad = v.grad = None
-        times.append(time.perf_counter() - start)
-        del out
-        peak = _status_kib("VmHWM") - baseline
-    times = sorted(times[warm_up:])
+        return time.perf_counter() - start
+
+    # Load libraries and compile kernels on a small problem first, so that neither counts.
+    small = [t.detach()[:, :, :WARM_UP_LENGTH].clone().requires_grad_(backward) for t in (q, k, v)]
+    call(*small, upstream[:, :, :WARM_UP_LENGTH])
+    # The first full-size call measures the peak: later calls reuse memory the allocator kept.
+    _reset_peak()
+    baseline = _status_kib("VmRSS")
+    times = [call(q, k, v, upstream)]
+    peak = _status_kib("VmHWM") - baseline
+    # Beyond 16k one call takes minutes: the first is timed; below, the repeats after it are.
+    if length <= 16384:
+        times = [call(q, k, v, upstream) for _ in range(repeats)]
+    times.sort()
     queue.put((times[len(times) // 2], max(0, peak) / 1024))
 
 
@@ -121,9 +127,29 @@ def _sparsity(length: int, kind: str, seed: int) -> tuple[float, float]:
     return stats.skipped_fraction, stats.support.float().mean().item()
 
 
-def run(quick: bool = False, repeats: int = 2, seed: int = 0, max_length: int | None = None) -> dict:
-    lengths = [n for n in (QUICK_LENGTHS if quick else FULL_LENGTHS) if max_length is None or n <= max_length]
+def run(
+    quick: bool = False,
+    repeats: int = 2,
+    seed: int = 0,
+    lengths: tuple[int, ...] | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Measure every length; ``progress`` receives the result so far after each length."""
+    lengths = lengths or (QUICK_LENGTHS if quick else FULL_LENGTHS)
     rows = []
+    result = {
+        "benchmark": "attention",
+        "sparsa_version": sparsa.__version__,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "batch": 1,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "alpha": 1.5,
+        "causal": True,
+        "rows": rows,
+    }
     for length in lengths:
         for kind in ("trained", "gaussian"):
             skipped, support = _sparsity(length, kind, seed)
@@ -148,19 +174,9 @@ def run(quick: bool = False, repeats: int = 2, seed: int = 0, max_length: int | 
                     row["skipped_fraction"] = skipped
                     row["mean_support"] = support
                 rows.append(row)
-    return {
-        "benchmark": "attention",
-        "sparsa_version": sparsa.__version__,
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "batch": 1,
-        "heads": HEADS,
-        "head_dim": HEAD_DIM,
-        "alpha": 1.5,
-        "causal": True,
-        "rows": rows,
-    }
+        if progress is not None:
+            progress(result)
+    return result
 
 
 def _ratio(row: dict, key: str) -> str:
@@ -197,7 +213,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="timed calls after a warm-up call (1 beyond 16k)"
     )
-    parser.add_argument("--max-length", type=int, default=None, help="skip lengths above this")
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"sequence lengths (default {list(FULL_LENGTHS)})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for attention.json")
 
@@ -205,12 +227,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
-    result = run(quick=args.quick, repeats=args.repeats, seed=args.seed, max_length=args.max_length)
-    print(markdown_table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "attention.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
+
+    def save(partial: dict) -> None:
+        # Long lengths take many minutes each: keep what is measured if a run is stopped.
+        path.write_text(json.dumps(partial, indent=2))
+        print(f"measured up to N={partial['rows'][-1]['length']}; wrote {path}", flush=True)
+
+    lengths = tuple(args.lengths) if args.lengths else None
+    result = run(quick=args.quick, repeats=args.repeats, seed=args.seed, lengths=lengths, progress=save)
+    print(markdown_table(result))
     return 0
 
 
