@@ -28,11 +28,14 @@ def check_dim(x: Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
-def check_k(k: int | None) -> int | None:
+def check_k(k: int | None, alpha: float | Tensor) -> int | None:
+    """k (partial sort) must be a positive int, and only the exact maps (alpha 1.5 and 2) sort."""
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int or None, got {k!r}")
+    if not is_exact_alpha(alpha):
+        raise ValueError(f"k (partial sort) applies only to alpha = 1.5 and 2, got alpha = {alpha}")
     return k
 
 

@@ -304,10 +304,8 @@ def entmax(
     x = check_scores(x)
     dim = check_dim(x, dim)
     alpha = check_alpha(alpha, x, dim)
-    k = check_k(k)
+    k = check_k(k, alpha)
     tol = check_tol(tol)
-    if k is not None and not is_exact_alpha(alpha):
-        raise ValueError(f"k (partial sort) applies only to alpha = 1.5 and 2, got alpha = {alpha}")
     if isinstance(alpha, float) and alpha == 1.0:
         return softmax(x, dim)
     rows, restore = to_rows(x, dim)

@@ -276,13 +276,11 @@ def entmax_threshold(
     x = check_scores(x)
     dim = check_dim(x, dim)
     alpha = check_alpha(alpha, x, dim)
-    k = check_k(k)
+    k = check_k(k, alpha)
     tol = check_tol(tol)
     one = alpha == 1 if isinstance(alpha, float) else bool((alpha == 1).any())
     if one:
         raise ValueError("alpha must be > 1 for a threshold (alpha = 1 is softmax, which has none)")
-    if k is not None and not is_exact_alpha(alpha):
-        raise ValueError(f"k (partial sort) applies only to alpha = 1.5 and 2, got alpha = {alpha}")
     rows, restore = to_rows(x.detach(), dim)
     work = compute_dtype(x.dtype)
     per_row = alpha_rows(alpha.detach(), x, dim).to(work) if isinstance(alpha, Tensor) else None
