@@ -25,6 +25,8 @@ import torch
 
 import sparsa
 
+from .timing import markdown, ratio
+
 FULL_LENGTHS = (1024, 4096, 16384, 65536)
 QUICK_LENGTHS = (256,)
 HEADS, HEAD_DIM = 8, 64
@@ -179,33 +181,39 @@ def run(
     return result
 
 
-def _ratio(row: dict, key: str) -> str:
-    return f"{row[key]:.2f}x" if key in row else ""
-
-
 def markdown_table(result: dict) -> str:
-    lines = [
-        "| N | scores | method | fwd s | fwd / SDPA | fwd / dense | fwd+bwd s | fwd+bwd / SDPA "
-        "| fwd+bwd / dense | fwd+bwd peak MiB | skipped | mean support |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    headers = [
+        "N",
+        "scores",
+        "method",
+        "fwd s",
+        "fwd / SDPA",
+        "fwd / dense",
+        "fwd+bwd s",
+        "fwd+bwd / SDPA",
+        "fwd+bwd / dense",
+        "fwd+bwd peak MiB",
+        "skipped",
+        "mean support",
     ]
-    for row in result["rows"]:
-        cells = [
+    rows = [
+        [
             str(row["length"]),
             row["scores"],
             row["method"],
             f"{row['forward_s']:.3f}",
-            _ratio(row, "forward_vs_sdpa"),
-            _ratio(row, "forward_vs_dense-entmax"),
+            ratio(row.get("forward_vs_sdpa")),
+            ratio(row.get("forward_vs_dense-entmax")),
             f"{row['forward_backward_s']:.3f}",
-            _ratio(row, "forward_backward_vs_sdpa"),
-            _ratio(row, "forward_backward_vs_dense-entmax"),
+            ratio(row.get("forward_backward_vs_sdpa")),
+            ratio(row.get("forward_backward_vs_dense-entmax")),
             f"{row['forward_backward_peak_mib']:.0f}",
             f"{row['skipped_fraction']:.2f}" if "skipped_fraction" in row else "",
             f"{row['mean_support']:.1f}" if "mean_support" in row else "",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for row in result["rows"]
+    ]
+    return markdown(headers, {"N", *headers[3:]}, rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ import torch
 
 import sparsa
 
-from .timing import measure
+from .timing import markdown, measure, ratio
 
 FULL_CASES = ((8192, 1024), (64, 65536))
 QUICK_CASES = ((256, 256), (4, 4096))
@@ -142,30 +142,33 @@ def run(quick: bool = False, repeats: int = 5, seed: int = 0) -> dict:
     }
 
 
-def _ratio(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}x"
-
-
 def markdown_table(result: dict) -> str:
-    lines = [
-        "| case | method | fwd ms | fwd / softmax | fwd / entmax pkg | fwd+bwd ms | fwd+bwd / softmax "
-        "| fwd+bwd / entmax pkg | max abs err |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    headers = [
+        "case",
+        "method",
+        "fwd ms",
+        "fwd / softmax",
+        "fwd / entmax pkg",
+        "fwd+bwd ms",
+        "fwd+bwd / softmax",
+        "fwd+bwd / entmax pkg",
+        "max abs err",
     ]
-    for row in result["rows"]:
-        cells = [
+    rows = [
+        [
             row["case"],
             row["method"],
             f"{row['forward_ms']:.2f}",
-            _ratio(row["forward_vs_softmax"]),
-            _ratio(row["forward_vs_counterpart"]),
+            ratio(row["forward_vs_softmax"]),
+            ratio(row["forward_vs_counterpart"]),
             f"{row['forward_backward_ms']:.2f}",
-            _ratio(row["forward_backward_vs_softmax"]),
-            _ratio(row["forward_backward_vs_counterpart"]),
+            ratio(row["forward_backward_vs_softmax"]),
+            ratio(row["forward_backward_vs_counterpart"]),
             f"{row['max_abs_error']:.1e}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for row in result["rows"]
+    ]
+    return markdown(headers, set(headers[2:]), rows)
 
 
 def main(argv: list[str] | None = None) -> int:
