@@ -39,7 +39,7 @@ def query_block_size(batch: int, heads: int, n_k: int) -> int:
 class _Layout:
     """Shapes and per-block views shared by the forward and the backward."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, bias: ScoreBias) -> None:
+    def __init__(self, q: Tensor, k: Tensor, alpha: float | Tensor, bias: ScoreBias) -> None:
         self.batch, self.heads, self.n_q, self.dim = q.shape
         self.kv_heads, self.n_k = k.shape[1], k.shape[2]
         self.group = self.heads // self.kv_heads
@@ -79,7 +79,7 @@ class BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha_tensor, alpha_float, bias, scale, count_support):
         alpha = alpha_float if alpha_tensor is None else alpha_tensor.detach()
-        layout = _Layout(q, k, v, alpha, bias)
+        layout = _Layout(q, k, alpha, bias)
         k_work, v_work = k.to(layout.work), v.to(layout.work)
         out = q.new_zeros(layout.batch, layout.heads, layout.n_q, v.shape[-1])
         m = q.new_zeros(layout.batch, layout.heads, layout.n_q, dtype=layout.work)
@@ -88,6 +88,7 @@ class BlockedAttention(torch.autograd.Function):
         # Per query block, the keys that carry weight: those before the first one that does in
         # any row are proven zero here and skipped by every later pass (weights @ V, the backward).
         key_ranges = []
+        kept = 0
         for start, end, keys in layout.blocks():
             if keys == 0:
                 key_ranges.append(slice(0, 0))
@@ -98,6 +99,7 @@ class BlockedAttention(torch.autograd.Function):
             live = weights.amax(0) > 0
             first = int(live.to(torch.uint8).argmax()) if bool(live.any()) else keys
             key_ranges.append(slice(first, keys))
+            kept += (end - start) * (keys - first)
             grouped_weights = weights.view(layout.batch, layout.kv_heads, -1, keys)[..., first:]
             block_out = grouped_weights @ v_work[:, :, first:keys]
             out[:, :, start:end] = block_out.view(layout.batch, layout.heads, end - start, -1).to(out.dtype)
@@ -107,10 +109,6 @@ class BlockedAttention(torch.autograd.Function):
                 support[:, :, start:end] = (weights > 0).sum(-1).view(layout.batch, layout.heads, -1)
         ctx.save_for_backward(q, k, v, m, s, alpha_tensor)
         ctx.layout_args = (alpha, bias, scale, key_ranges)
-        kept = sum(
-            (end - start) * (keys.stop - keys.start)
-            for (start, end, _), keys in zip(layout.blocks(), key_ranges, strict=True)
-        )
         skipped = torch.tensor(1 - kept / max(1, layout.n_q * layout.n_k))
         ctx.mark_non_differentiable(m, s, support, skipped)
         return out, m, s, support, skipped
@@ -119,7 +117,7 @@ class BlockedAttention(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         q, k, v, m, s, alpha_tensor = ctx.saved_tensors
         alpha, bias, scale, key_ranges = ctx.layout_args
-        layout = _Layout(q, k, v, alpha, bias)
+        layout = _Layout(q, k, alpha, bias)
         k_work, v_work = k.to(layout.work), v.to(layout.work)
         grad_q = torch.zeros(q.shape, dtype=layout.work, device=q.device)
         grad_k = torch.zeros(k.shape, dtype=layout.work, device=k.device)
