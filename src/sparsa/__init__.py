@@ -1,6 +1,6 @@
 """sparsa: sparse, length-robust attention for PyTorch."""
 
-from . import normalize
+from . import layers, models, normalize
 from ._version import __version__
 from .attention import AttentionStats, KeyPadding, attention
 from .normalize import (
@@ -25,6 +25,8 @@ __all__ = [
     "entmax15_loss",
     "entmax_loss",
     "entmax_threshold",
+    "layers",
+    "models",
     "normalize",
     "softmax",
     "sparsemax",

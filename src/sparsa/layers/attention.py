@@ -1,0 +1,193 @@
+"""SparseAttention: projections, positions, length-aware scaling and alpha-entmax attention."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import BACKENDS, attention
+from ..normalize._validate import compute_dtype
+from .positions import (
+    SLOPE_SCHEMES,
+    PositionScheme,
+    TokenLayout,
+    apply_rope,
+    check_theta,
+    head_slopes,
+    length_log,
+    rope_angles,
+)
+from .scaling import make_scaling
+
+SCALED_HEADS = ("auto", "all", "nope")
+
+
+class KeyValueStore(Protocol):
+    """What a KV cache gives one layer: the cached length and an append that returns all keys and values."""
+
+    @property
+    def length(self) -> int: ...
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class SparseAttention(nn.Module):
+    """Multi-head (grouped-query) alpha-entmax self-attention with length-aware scaling.
+
+    Args:
+        d_model: width of the input and output.
+        n_heads: query heads; ``n_kv_heads`` (default ``n_heads``) key/value
+            heads, a divisor of ``n_heads``.
+        head_dim: per-head width, default ``d_model // n_heads``.
+        alpha: entmax alpha (1.0 = softmax, 1.5, 2.0 = sparsemax, any >= 1).
+        learn_alpha: learn one alpha per head in (1, 2), starting at ``alpha``.
+        scaling: None, "asentmax", "asentmax-static", "ssmax", "temperature"
+            or "learned-temperature" (see :mod:`sparsa.layers.scaling`);
+            ``scaling_options`` go to its constructor.
+        scaled_heads: "auto" (the NoPE heads under NAPE, every head
+            otherwise), "all" or "nope" (heads without ALiBi).
+        positions: "nope", "alibi", "nape", "rope", "rope+alibi", "rope+nape".
+        alibi_slopes: "geometric", "linear" or "exp"; default "linear" for
+            NAPE and "geometric" for ALiBi.
+        rope_theta: RoPE base.
+        is_causal: decoder (True) or bidirectional attention.
+        backend: passed to :func:`sparsa.attention`.
+
+    alpha = 1 with scaling "ssmax" is the SSMax baseline; alpha = 1 without
+    scaling is softmax attention.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        head_dim: int | None = None,
+        alpha: float = 1.5,
+        learn_alpha: bool = False,
+        scaling: str | None = None,
+        scaling_options: dict | None = None,
+        scaled_heads: str = "auto",
+        positions: str = "nape",
+        alibi_slopes: str | None = None,
+        rope_theta: float = 10000.0,
+        is_causal: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        _check_positive("d_model", d_model)
+        _check_positive("n_heads", n_heads)
+        _check_positive("n_kv_heads", n_kv_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}) or give head_dim")
+            head_dim = d_model // n_heads
+        _check_positive("head_dim", head_dim)
+        if not math.isfinite(alpha) or alpha < 1:
+            raise ValueError(f"alpha must be >= 1, got {alpha}")
+        if learn_alpha and not 1 < alpha < 2:
+            raise ValueError(f"learn_alpha keeps alpha in (1, 2); the start value alpha={alpha} is outside")
+        if scaled_heads not in SCALED_HEADS:
+            raise ValueError(f"scaled_heads must be one of {SCALED_HEADS}, got {scaled_heads!r}")
+        if backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
+        scheme = PositionScheme.parse(positions)
+        if alibi_slopes is None:
+            alibi_slopes = "linear" if scheme.alibi == "half" else "geometric"
+        if alibi_slopes not in SLOPE_SCHEMES:
+            raise ValueError(f"alibi_slopes must be one of {SLOPE_SCHEMES}, got {alibi_slopes!r}")
+        if scheme.rope:
+            check_theta(rope_theta)
+            if head_dim % 2:
+                raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.is_causal, self.backend = is_causal, backend
+        self.rope_theta = float(rope_theta) if scheme.rope else None
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+        slopes = head_slopes(scheme, n_heads, alibi_slopes)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        n_alibi = scheme.alibi_heads(n_heads)
+        if scaled_heads == "all" or (scaled_heads == "auto" and scheme.alibi != "half"):
+            scaled = torch.arange(n_heads)
+        else:
+            scaled = torch.arange(n_alibi, n_heads)
+        if scaling is not None and scaled.numel() == 0:
+            raise ValueError(f"scaling {scaling!r} with scaled_heads={scaled_heads!r} scales no head")
+        self.register_buffer("scaled_heads", scaled, persistent=False)
+        self.scaling = make_scaling(scaling, d_model, scaled.numel(), **(scaling_options or {}))
+
+        self.fixed_alpha = float(alpha)
+        if learn_alpha:
+            self.alpha_logit = nn.Parameter(torch.full((n_heads,), math.log((alpha - 1) / (2 - alpha))))
+        else:
+            self.alpha_logit = None
+
+    @property
+    def alpha(self) -> float | Tensor:
+        """The entmax alpha: a float, or (H,) in (1, 2) when learnt."""
+        if self.alpha_logit is None:
+            return self.fixed_alpha
+        return 1 + torch.sigmoid(self.alpha_logit)
+
+    def query_scale(self, x: Tensor, layout: TokenLayout) -> Tensor | None:
+        """Multiplier (B, H, N) of the queries, 1 on heads that are not scaled; None without scaling."""
+        if self.scaling is None:
+            return None
+        log_n = length_log(layout.visible_keys(self.is_causal), compute_dtype(x.dtype))
+        scale = self.scaling(x, log_n)
+        if scale.shape[1] == self.n_heads:
+            return scale
+        ones = scale.new_ones(scale.shape[0], self.n_heads, scale.shape[2])
+        return ones.index_copy(1, self.scaled_heads, scale)
+
+    def forward(
+        self, x: Tensor, layout: TokenLayout | None = None, cache: KeyValueStore | None = None
+    ) -> Tensor:
+        """x (B, N, d_model) -> (B, N, d_model).
+
+        ``layout`` gives positions and key padding (default: N unpadded tokens
+        after the cached ones); ``cache`` holds this layer's keys and values
+        of earlier tokens and receives the new ones.
+        """
+        batch, n, _ = x.shape
+        if layout is None:
+            layout = TokenLayout.build(batch, n, 0 if cache is None else cache.length, None, x.device)
+        q = self.q_proj(x).view(batch, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope_theta is not None:
+            cos, sin = rope_angles(layout.positions, self.head_dim, self.rope_theta, compute_dtype(q.dtype))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scale = self.query_scale(x, layout)
+        if scale is not None:
+            q = q * scale[..., None].to(q.dtype)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = attention(
+            q,
+            k,
+            v,
+            alpha=self.alpha,
+            is_causal=self.is_causal,
+            attn_mask=layout.key_padding,
+            alibi_slopes=self.alibi_slopes,
+            backend=self.backend,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
