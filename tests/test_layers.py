@@ -68,7 +68,10 @@ def _dense_by_hand(layer, x, positions, key_mask):
     k = (x @ layer.k_proj.weight.T).view(batch, n, kv_heads, dim).transpose(1, 2)
     v = (x @ layer.v_proj.weight.T).view(batch, n, kv_heads, dim).transpose(1, 2)
     if layer.rope_theta is not None:
-        q, k = _rotate_by_hand(q, positions, layer.rope_theta), _rotate_by_hand(k, positions, layer.rope_theta)
+        q, k = (
+            _rotate_by_hand(q, positions, layer.rope_theta),
+            _rotate_by_hand(k, positions, layer.rope_theta),
+        )
     if layer.scaling is not None:
         q = q * _scale_by_hand(layer, x, positions + 1)[..., None].to(q.dtype)
     k = k.repeat_interleave(heads // kv_heads, dim=1)
@@ -201,7 +204,9 @@ def test_gradients_reach_scaling_parameters_and_learnt_alpha():
 
 
 def test_gradcheck_through_scaling_and_positions_fp64():
-    layer = SparseAttention(8, 2, alpha=1.5, learn_alpha=True, scaling="asentmax", positions="rope+nape").double()
+    layer = SparseAttention(
+        8, 2, alpha=1.5, learn_alpha=True, scaling="asentmax", positions="rope+nape"
+    ).double()
     _randomize(layer)
     x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: layer(x), (x,))

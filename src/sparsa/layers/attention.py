@@ -87,7 +87,9 @@ class SparseAttention(nn.Module):
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if head_dim is None:
             if d_model % n_heads:
-                raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}) or give head_dim")
+                raise ValueError(
+                    f"d_model ({d_model}) must be divisible by n_heads ({n_heads}) or give head_dim"
+                )
             head_dim = d_model // n_heads
         _check_positive("head_dim", head_dim)
         if not math.isfinite(alpha) or alpha < 1:

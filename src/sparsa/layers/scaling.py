@@ -39,7 +39,13 @@ class ASEntmaxScale(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, *, delta: float = 1.0, gamma_max: float = 2.0, beta_init: float = 0.1
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        delta: float = 1.0,
+        gamma_max: float = 2.0,
+        beta_init: float = 0.1,
     ) -> None:
         super().__init__()
         if beta_init <= 0:
@@ -72,7 +78,13 @@ class StaticASEntmaxScale(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, *, delta: float = 1.0, gamma_max: float = 2.0, beta_init: float = 0.1
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        delta: float = 1.0,
+        gamma_max: float = 2.0,
+        beta_init: float = 0.1,
     ) -> None:
         super().__init__()
         if beta_init <= 0:

@@ -42,4 +42,3 @@ class KVCache:
     def length(self) -> int:
         """Tokens cached so far."""
         return self.layers[0].length
-

@@ -63,7 +63,9 @@ class TransformerConfig:
             raise ValueError(f"scaled_heads must be one of {SCALED_HEADS}, got {self.scaled_heads!r}")
         PositionScheme.parse(self.positions)
         if self.alibi_slopes is not None and self.alibi_slopes not in SLOPE_SCHEMES:
-            raise ValueError(f"alibi_slopes must be None or one of {SLOPE_SCHEMES}, got {self.alibi_slopes!r}")
+            raise ValueError(
+                f"alibi_slopes must be None or one of {SLOPE_SCHEMES}, got {self.alibi_slopes!r}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.init_std <= 0 or self.norm_eps <= 0:

@@ -43,7 +43,9 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {attention_mask.shape}")
+        raise ValueError(
+            f"attention_mask must have shape {tuple(input_ids.shape)}, got {attention_mask.shape}"
+        )
     attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last column of attention_mask must be all 1")
