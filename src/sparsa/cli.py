@@ -1,27 +1,131 @@
-"""The ``sparsa`` command."""
+"""The ``sparsa`` command: demo, train, eval, sweep, report, tasks and bench."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .experiments.options import add_run_options
+    from .experiments.variants import DEMO_VARIANTS, VARIANTS
+
     parser = argparse.ArgumentParser(
         prog="sparsa", description="Sparse, length-robust attention for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"sparsa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="length generalization of softmax, SSMax, 1.5-entmax and ASEntmax (CPU, minutes)",
+        description="Evaluate softmax, SSMax, 1.5-entmax and ASEntmax (all with NAPE) from 1x to 64x and more of "
+        "their training length; writes results.json, tables and plots to --out.",
+    )
+    demo.add_argument("--out", default="results/demo", help="output folder; default results/demo")
+    demo.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the models from scratch instead of loading the shipped ones",
+    )
+    demo.add_argument("--examples", type=int, default=None, help="examples per length (default: the demo's)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    demo.set_defaults(run=_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train one model on a task (resumable, torchrun-ready)",
+        description="Train a decoder-only model on a synthetic task. Writes run.json, log.jsonl, checkpoint.pt and "
+        "the best model on the validation length to OUT/model. Under `torchrun --nproc_per_node N` the same "
+        "command trains with DistributedDataParallel on the same global batch.",
+    )
+    add_run_options(train)
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="exact match of a trained model at several lengths",
+        description="Evaluate a model folder (a run folder or its model/) by greedy decoding at each length.",
+    )
+    evaluate.add_argument("model", help="run folder (with run.json) or model folder")
+    evaluate.add_argument(
+        "--lengths", type=int, nargs="+", default=None, help="default: 1x..64x training length"
+    )
+    evaluate.add_argument("--examples", type=int, default=100, help="examples per length; default 100")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the test examples")
+    evaluate.add_argument(
+        "--summary-examples", type=int, default=4, help="examples for the attention statistics"
+    )
+    evaluate.add_argument("--out", default=None, help="write results.json, table.md and plots here")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    evaluate.set_defaults(run=_eval)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="train and evaluate variants x seeds x tasks",
+        description="For each task, variant and seed: train (resuming unfinished runs), evaluate at every length, "
+        "and write OUT/<task>/results.json, table.md and plots.",
+    )
+    add_run_options(sweep, variant=False)
+    sweep.add_argument("--tasks", nargs="+", default=None, help="tasks (default: --task)")
+    sweep.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEMO_VARIANTS),
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"variants; default {' '.join(DEMO_VARIANTS)}; known: {', '.join(VARIANTS)}",
+    )
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; default 0")
+    sweep.add_argument(
+        "--lengths", type=int, nargs="+", default=None, help="default: 1x..64x training length"
+    )
+    sweep.add_argument("--examples", type=int, default=100, help="test examples per length; default 100")
+    sweep.add_argument(
+        "--summary-examples", type=int, default=4, help="examples for the attention statistics"
+    )
+    sweep.add_argument("--out", required=True, help="sweep folder")
+    sweep.set_defaults(run=_sweep)
+
+    report = commands.add_parser("report", help="tables and plots from results.json files")
+    report.add_argument("results", nargs="+", help="results.json files of sweeps")
+    report.add_argument("--out", default=None, help="output folder (default: beside each results file)")
+    report.set_defaults(run=_report)
+
+    tasks = commands.add_parser("tasks", help="list the tasks or export examples to a JSONL file")
+    task_commands = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
+    task_commands.add_parser("list", help="tasks with their parameters and defaults").set_defaults(
+        run=_tasks_list
+    )
+    export = task_commands.add_parser("export", help="write examples as JSON lines (token ids and names)")
+    export.add_argument("task", help="task name")
+    export.add_argument(
+        "--task-option", action="append", default=[], metavar="KEY=VALUE", help="task parameter"
+    )
+    export.add_argument("--length", type=int, required=True, help="task length")
+    export.add_argument("--examples", type=int, default=100, help="number of examples")
+    export.add_argument("--seed", type=int, default=0, help="seed")
+    export.add_argument(
+        "--split", default="test", choices=["train", "validation", "test", "export"], help="split"
+    )
+    export.add_argument("--out", required=True, help="JSONL file")
+    export.set_defaults(run=_tasks_export)
+
     bench = commands.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    normalizers = benchmarks.add_parser(
-        "normalizers", help="softmax, sparsemax and entmax against torch.softmax and the entmax package"
-    )
     from .benchmarks import attention as attention_bench
     from .benchmarks import normalizers as normalizer_bench
 
+    normalizers = benchmarks.add_parser(
+        "normalizers", help="softmax, sparsemax and entmax against torch.softmax and the entmax package"
+    )
     normalizer_bench.add_arguments(normalizers)
     normalizers.set_defaults(run=normalizer_bench.run_from_args)
     attention = benchmarks.add_parser(
@@ -32,13 +136,133 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .experiments.options import run_config
+    from .experiments.train import train
+
+    model_dir = train(run_config(args), args.out, resume=args.resume, device=args.device, quiet=args.quiet)
+    print(f"best model on validation: {model_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .experiments.evaluate import evaluate
+    from .experiments.results import new_record, report, write
+    from .experiments.sweep import _line, _eval_device, default_lengths
+    from .experiments.train import MODEL_DIR, RUN_FILE, RunConfig
+    from .models import Transformer
+
+    folder = Path(args.model)
+    run_file = folder / RUN_FILE if (folder / RUN_FILE).exists() else folder.parent / RUN_FILE
+    if not run_file.exists():
+        raise SystemExit(f"sparsa eval: no {RUN_FILE} in {folder} or its parent: cannot tell the task")
+    config = RunConfig.from_dict(json.loads(run_file.read_text()))
+    model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).exists() else folder
+    model = Transformer.from_pretrained(model_dir, device=_eval_device(args.device))
+    record = new_record(config.task, config.task_options, config.max_length)
+    for length in args.lengths or default_lengths(config.max_length):
+        row = evaluate(
+            model,
+            config.make_task(),
+            length,
+            examples=args.examples,
+            seed=args.seed,
+            summary_examples=args.summary_examples,
+        )
+        record["results"].append({"variant": config.variant, "seed": args.seed, **row})
+        print(_line(config.variant, args.seed, row), flush=True)
+    if args.out:
+        write(record, Path(args.out) / "results.json")
+        report(record, args.out)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .experiments.options import run_config
+    from .experiments.results import table
+    from .experiments.sweep import sweep
+
+    for task in args.tasks or [args.task]:
+        args.task = task
+        base = run_config(args, variant=args.variants[0], seed=args.seeds[0])
+        record = sweep(
+            base,
+            args.variants,
+            args.seeds,
+            Path(args.out) / task,
+            lengths=args.lengths,
+            examples=args.examples,
+            summary_examples=args.summary_examples,
+            device=args.device,
+            preset=args.preset,
+            quiet=args.quiet,
+        )
+        print(table(record))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .experiments.results import load, report, table
+
+    for path in args.results:
+        record = load(path)
+        written = report(record, args.out or Path(path).parent)
+        print(table(record))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _tasks_list(args: argparse.Namespace) -> int:
+    from .tasks import TASKS, make_task
+
+    for name, cls in sorted(TASKS.items()):
+        task = make_task(name)
+        options = ", ".join(f"{k}={v}" for k, v in task.parameters().items())
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12} {task.kind:9} {options}\n{'':22}{doc}")
+    return 0
+
+
+def _tasks_export(args: argparse.Namespace) -> int:
+    from .experiments.options import parse_task_options
+    from .tasks import make_task, sample
+
+    task = make_task(args.task, **parse_task_options(args.task_option))
+    names = task.token_names()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as file:
+        for index in range(args.examples):
+            e = sample(task, args.seed, args.split, args.length, index)
+            line = {
+                "tokens": e.tokens.tolist(),
+                "labels": e.labels.tolist(),
+                "prompt_length": e.prompt,
+                "text": " ".join(names[t] for t in e.tokens),
+            }
+            file.write(json.dumps(line) + "\n")
+    print(f"wrote {args.examples} examples of {args.task} at length {args.length} to {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .experiments.demo import run_demo
+
+    run_demo(args.out, retrain=args.retrain, examples=args.examples, device=args.device, quiet=args.quiet)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"sparsa {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

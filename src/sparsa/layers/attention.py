@@ -56,6 +56,11 @@ class SparseAttention(nn.Module):
         is_causal: decoder (True) or bidirectional attention.
         backend: passed to :func:`sparsa.attention`.
 
+    ``observer``, when set to a callable, receives the final queries and keys
+    (after positions, scaling and the cache) and the keyword arguments of
+    :func:`sparsa.attention` before each call, e.g. to summarise the weights
+    with :func:`sparsa.attention.weight_summary`.
+
     alpha = 1 with scaling "ssmax" is the SSMax baseline; alpha = 1 without
     scaling is softmax attention.
     """
@@ -130,6 +135,7 @@ class SparseAttention(nn.Module):
         self.register_buffer("scaled_heads", scaled, persistent=False)
         self.scaling = make_scaling(scaling, d_model, scaled.numel(), **(scaling_options or {}))
 
+        self.observer = None
         self.fixed_alpha = float(alpha)
         if learn_alpha:
             self.alpha_logit = nn.Parameter(torch.full((n_heads,), math.log((alpha - 1) / (2 - alpha))))
@@ -177,16 +183,15 @@ class SparseAttention(nn.Module):
             q = q * scale[..., None].to(q.dtype)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attention(
-            q,
-            k,
-            v,
-            alpha=self.alpha,
-            is_causal=self.is_causal,
-            attn_mask=layout.key_padding,
-            alibi_slopes=self.alibi_slopes,
-            backend=self.backend,
-        )
+        options = {
+            "alpha": self.alpha,
+            "is_causal": self.is_causal,
+            "attn_mask": layout.key_padding,
+            "alibi_slopes": self.alibi_slopes,
+        }
+        if self.observer is not None:
+            self.observer(q, k, **options)
+        out = attention(q, k, v, backend=self.backend, **options)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
 
 

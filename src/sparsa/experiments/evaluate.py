@@ -1,0 +1,121 @@
+"""Accuracy at a given length: greedy decoding over the KV cache, and what the attention weights look like."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ..attention import weight_summary
+from ..models import Transformer
+from ..tasks import EOS, PAD, Example, Task
+from .data import collate, evaluation_examples
+
+TOKENS_PER_EVAL_BATCH = 1 << 15
+
+
+def eval_batch_size(length_tokens: int, requested: int) -> int:
+    """At most ``requested`` rows, and few enough that a batch holds about 32k tokens."""
+    return max(1, min(requested, TOKENS_PER_EVAL_BATCH // max(1, length_tokens)))
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    task: Task,
+    length: int,
+    *,
+    examples: int,
+    seed: int,
+    split: str = "test",
+    batch_size: int = 64,
+    summary_examples: int = 0,
+) -> dict:
+    """Exact match (%) and per-token accuracy (%) of ``examples`` examples at ``length``.
+
+    Generative tasks: greedy decoding with the KV cache after the prompt,
+    exact when the decoded tokens equal target and EOS; token accuracy is
+    teacher-forced. Classification tasks: one forward pass; exact when every
+    labelled token is right. ``summary_examples`` > 0 adds the mean largest
+    attention weight, normalised entropy and support size over heads, layers
+    and the answer rows of that many examples.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    data = evaluation_examples(task, seed, split, length, examples)
+    rows = eval_batch_size(len(data[0].tokens), batch_size)
+    exact, correct, labelled = 0, 0, 0
+    for start in range(0, len(data), rows):
+        chunk = data[start : start + rows]
+        batch = collate(chunk).to(device)
+        predictions = model(batch.tokens).argmax(-1)
+        mask = batch.labels >= 0
+        correct += int(((predictions == batch.labels) & mask).sum())
+        labelled += int(mask.sum())
+        if task.kind == "classify":
+            exact += int((((predictions == batch.labels) | ~mask).all(-1)).sum())
+        else:
+            exact += int(decoded_correctly(model, chunk, device).sum())
+    result = {
+        "length": length,
+        "examples": len(data),
+        "exact_match": 100.0 * exact / len(data),
+        "token_accuracy": 100.0 * correct / max(1, labelled),
+    }
+    if summary_examples:
+        result.update(attention_summary(model, data[:summary_examples], device))
+    model.train(was_training)
+    return result
+
+
+def decoded_correctly(model: Transformer, examples: list[Example], device: torch.device) -> Tensor:
+    """(B,) bool: greedy decoding from each prompt reproduces its answer (target and EOS)."""
+    prompts = [e.tokens[: e.prompt] for e in examples]
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(examples), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p) :] = torch.from_numpy(p)
+        mask[i, width - len(p) :] = 1
+    answer_width = max(len(e.answer) for e in examples)
+    out = model.generate(
+        tokens.to(device), answer_width, attention_mask=mask.to(device), eos_token_id=EOS, pad_token_id=PAD
+    )[:, width:].cpu()
+    ok = torch.zeros(len(examples), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        answer = torch.from_numpy(e.answer)
+        ok[i] = out.shape[1] >= len(answer) and torch.equal(out[i, : len(answer)], answer)
+    return ok
+
+
+@contextmanager
+def observing(model: Transformer, observer):
+    layers = [block.attention for block in model.blocks]
+    for layer in layers:
+        layer.observer = observer
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.observer = None
+
+
+def attention_summary(model: Transformer, examples: list[Example], device: torch.device) -> dict:
+    """Mean largest weight, normalised entropy and support over heads and layers, on the answer rows."""
+    totals = torch.zeros(3)
+    calls = 0
+    for e in examples:
+        first_row = 0 if len(e.answer) == 0 else e.prompt - 1
+
+        def observe(q, k, **options):
+            nonlocal calls
+            s = weight_summary(q, k, first_query=first_row, **options)
+            totals.add_(torch.stack((s.max_weight.mean(), s.entropy.mean(), s.support.mean())).cpu())
+            calls += 1
+
+        with observing(model, observe):
+            model(torch.from_numpy(e.tokens)[None].to(device))
+    means = (totals / max(1, calls)).tolist()
+    return {"max_weight": means[0], "entropy": means[1], "support": means[2]}

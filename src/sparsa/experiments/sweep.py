@@ -1,0 +1,126 @@
+"""Sweeps: train every (variant, seed) of a run, evaluate each at every length, write results as they come."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..models import Transformer
+from . import results
+from .evaluate import evaluate
+from .train import CHECKPOINT, MODEL_DIR, RunConfig, is_finished, train
+
+
+def default_lengths(train_length: int, factor: int = 64) -> list[int]:
+    """1x, 2x, 4x, ... up to ``factor`` times the training length."""
+    lengths, n = [], train_length
+    while n <= train_length * factor:
+        lengths.append(n)
+        n *= 2
+    return lengths
+
+
+def sweep(
+    base: RunConfig,
+    variants: list[str],
+    seeds: list[int],
+    out: str | Path,
+    *,
+    lengths: list[int] | None = None,
+    examples: int = 100,
+    summary_examples: int = 0,
+    device: str = "auto",
+    preset: str | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Train ``base`` for each variant and seed in out/runs/, evaluate, and write out/results.json.
+
+    Resumable: finished runs are not retrained, interrupted ones continue from
+    their checkpoint, and (variant, seed, length) entries already in
+    results.json are kept. Returns the sweep record.
+    """
+    out = Path(out)
+    lengths = lengths or default_lengths(base.max_length)
+    path = out / "results.json"
+    record = results.load(path) if path.exists() else None
+    if record is None or record["task"] != base.task or record["train_length"] != base.max_length:
+        record = results.new_record(base.task, base.task_options, base.max_length, preset)
+    done = {(r["variant"], r["seed"], r["length"]) for r in record["results"]}
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    for variant in variants:
+        for seed in seeds:
+            config = dataclasses.replace(base, variant=variant, seed=seed)
+            run_dir = out / "runs" / f"{variant}-seed{seed}"
+            if not is_finished(run_dir):
+                train(config, run_dir, resume=(run_dir / CHECKPOINT).exists(), device=device, quiet=quiet)
+            if not main_process:
+                continue
+            model = Transformer.from_pretrained(run_dir / MODEL_DIR, device=_eval_device(device))
+            for length in lengths:
+                if (variant, seed, length) in done:
+                    continue
+                row = evaluate(
+                    model,
+                    config.make_task(),
+                    length,
+                    examples=examples,
+                    seed=seed,
+                    summary_examples=summary_examples,
+                )
+                record["results"].append({"variant": variant, "seed": seed, **row})
+                results.write(record, path)
+                if not quiet:
+                    print(_line(variant, seed, row), flush=True)
+    if main_process:
+        results.write(record, path)
+        results.report(record, out)
+    return record
+
+
+def evaluate_models(
+    models: dict[str, Path],
+    config: RunConfig,
+    seed: int,
+    out: str | Path,
+    *,
+    lengths: list[int],
+    examples: int,
+    summary_examples: int = 0,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict:
+    """Evaluate saved models (variant name -> model folder) at ``lengths``; writes results.json and the report."""
+    out = Path(out)
+    record = results.new_record(config.task, config.task_options, config.max_length)
+    for variant, folder in models.items():
+        model = Transformer.from_pretrained(folder, device=_eval_device(device))
+        for length in lengths:
+            row = evaluate(
+                model,
+                config.make_task(),
+                length,
+                examples=examples,
+                seed=seed,
+                summary_examples=summary_examples,
+            )
+            record["results"].append({"variant": variant, "seed": seed, **row})
+            results.write(record, out / "results.json")
+            if not quiet:
+                print(_line(variant, seed, row), flush=True)
+    results.report(record, out)
+    return record
+
+
+def _eval_device(device: str) -> str:
+    from .distributed import resolve_device
+
+    return str(resolve_device(device))
+
+
+def _line(variant: str, seed: int, row: dict) -> str:
+    text = f"{variant:>10} seed {seed} length {row['length']:>6}: exact {row['exact_match']:5.1f}%"
+    text += f"  per-token {row['token_accuracy']:5.1f}%"
+    if "max_weight" in row:
+        text += f"  max weight {row['max_weight']:.3f}  entropy {row['entropy']:.3f}  support {row['support']:.1f}"
+    return text
