@@ -13,14 +13,14 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,bench,plots]'
 	touch $@
 
 setup: $(VENV)/.installed
 
-# The main job until the length-generalization demo lands: the normalizer benchmark.
+# The main job: length generalization of softmax, SSMax, 1.5-entmax and ASEntmax (CPU, minutes).
 demo: setup
-	$(BIN)/sparsa bench normalizers --out results/bench
+	$(BIN)/sparsa demo --out results/demo
 
 bench: setup
 	$(BIN)/sparsa bench normalizers --out results/bench

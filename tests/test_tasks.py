@@ -28,7 +28,9 @@ def test_examples_are_deterministic_and_independent_of_order(name):
         assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.labels, b.labels)
     other = sample(task, 6, "train", _length(name), 0)
     test = sample(task, 5, "test", _length(name), 0)
-    assert not np.array_equal(first[0].tokens, other.tokens) or not np.array_equal(first[0].tokens, test.tokens)
+    assert not np.array_equal(first[0].tokens, other.tokens) or not np.array_equal(
+        first[0].tokens, test.tokens
+    )
 
 
 def test_examples_are_identical_in_another_process():

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="length generalization of softmax, SSMax, 1.5-entmax and ASEntmax (CPU, minutes)",
-        description="Evaluate softmax, SSMax, 1.5-entmax and ASEntmax (all with NAPE) from 1x to 64x and more of "
+        description="Evaluate softmax, SSMax, 1.5-entmax and ASEntmax (all with NAPE) from 1x to 64x "
         "their training length; writes results.json, tables and plots to --out.",
     )
     demo.add_argument("--out", default="results/demo", help="output folder; default results/demo")
@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train one model on a task (resumable, torchrun-ready)",
-        description="Train a decoder-only model on a synthetic task. Writes run.json, log.jsonl, checkpoint.pt and "
-        "the best model on the validation length to OUT/model. Under `torchrun --nproc_per_node N` the same "
-        "command trains with DistributedDataParallel on the same global batch.",
+        description="Train a decoder-only model on a synthetic task. Writes run.json, log.jsonl, "
+        "checkpoint.pt and the best model on the validation length to OUT/model. Under "
+        "`torchrun --nproc_per_node N` the same command trains with DistributedDataParallel "
+        "on the same global batch.",
     )
     add_run_options(train)
     train.add_argument("--out", required=True, help="run folder")
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep",
         help="train and evaluate variants x seeds x tasks",
-        description="For each task, variant and seed: train (resuming unfinished runs), evaluate at every length, "
-        "and write OUT/<task>/results.json, table.md and plots.",
+        description="For each task, variant and seed: train (resuming unfinished runs), evaluate at "
+        "every length, and write OUT/<task>/results.json, table.md and plots.",
     )
     add_run_options(sweep, variant=False)
     sweep.add_argument("--tasks", nargs="+", default=None, help="tasks (default: --task)")
@@ -148,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .experiments.evaluate import evaluate
     from .experiments.results import new_record, report, write
-    from .experiments.sweep import _line, _eval_device, default_lengths
+    from .experiments.sweep import default_lengths, eval_device, result_line
     from .experiments.train import MODEL_DIR, RUN_FILE, RunConfig
     from .models import Transformer
 
@@ -158,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"sparsa eval: no {RUN_FILE} in {folder} or its parent: cannot tell the task")
     config = RunConfig.from_dict(json.loads(run_file.read_text()))
     model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).exists() else folder
-    model = Transformer.from_pretrained(model_dir, device=_eval_device(args.device))
+    model = Transformer.from_pretrained(model_dir, device=eval_device(args.device))
     record = new_record(config.task, config.task_options, config.max_length)
     for length in args.lengths or default_lengths(config.max_length):
         row = evaluate(
@@ -170,7 +171,7 @@ def _eval(args: argparse.Namespace) -> int:
             summary_examples=args.summary_examples,
         )
         record["results"].append({"variant": config.variant, "seed": args.seed, **row})
-        print(_line(config.variant, args.seed, row), flush=True)
+        print(result_line(config.variant, args.seed, row), flush=True)
     if args.out:
         write(record, Path(args.out) / "results.json")
         report(record, args.out)

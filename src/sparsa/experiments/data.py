@@ -37,7 +37,7 @@ def collate(examples: list[Example]) -> Batch:
 
 
 def training_example(task: Task, seed: int, index: int, min_length: int, max_length: int) -> Example:
-    """Training example ``index``: its length is uniform in [min_length, max_length], drawn from its own seed."""
+    """Training example ``index``, its length uniform in [min_length, max_length], drawn from its own seed."""
     rng = example_rng(seed, "train", 0, index)
     return task.example(rng, int(rng.integers(min_length, max_length + 1)))
 

@@ -9,12 +9,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class Cluster:
     rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
 
     @property
     def is_main(self) -> bool:

@@ -36,10 +36,15 @@ def evaluate(
 
     Generative tasks: greedy decoding with the KV cache after the prompt,
     exact when the decoded tokens equal target and EOS; token accuracy is
-    teacher-forced. Classification tasks: one forward pass; exact when every
-    labelled token is right. ``summary_examples`` > 0 adds the mean largest
-    attention weight, normalised entropy and support size over heads, layers
-    and the answer rows of that many examples.
+    teacher-forced. Greedy decoding follows the target until the first
+    position where the teacher-forced prediction is wrong and emits that wrong
+    token there, so only the examples right under teacher forcing can be
+    exact: those are decoded, the others count as wrong without decoding
+    (long answers at long lengths cost one forward pass). Classification
+    tasks: one forward pass; exact when every labelled token is right.
+    ``summary_examples`` > 0 adds the mean largest attention weight,
+    normalised entropy and support size over heads, layers and the answer
+    rows of that many examples.
     """
     was_training = model.training
     model.eval()
@@ -54,10 +59,13 @@ def evaluate(
         mask = batch.labels >= 0
         correct += int(((predictions == batch.labels) & mask).sum())
         labelled += int(mask.sum())
+        right = ((predictions == batch.labels) | ~mask).all(-1).tolist()
         if task.kind == "classify":
-            exact += int((((predictions == batch.labels) | ~mask).all(-1)).sum())
-        else:
-            exact += int(decoded_correctly(model, chunk, device).sum())
+            exact += sum(right)
+        elif any(right):
+            exact += int(
+                decoded_correctly(model, [e for e, ok in zip(chunk, right, strict=True) if ok], device).sum()
+            )
     result = {
         "length": length,
         "examples": len(data),
@@ -109,7 +117,7 @@ def attention_summary(model: Transformer, examples: list[Example], device: torch
     for e in examples:
         first_row = 0 if len(e.answer) == 0 else e.prompt - 1
 
-        def observe(q, k, **options):
+        def observe(q, k, first_row=first_row, **options):
             nonlocal calls
             s = weight_summary(q, k, first_query=first_row, **options)
             totals.add_(torch.stack((s.max_weight.mean(), s.entropy.mean(), s.support.mean())).cpu())

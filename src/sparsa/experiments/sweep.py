@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..models import Transformer
 from . import results
+from .distributed import resolve_device
 from .evaluate import evaluate
 from .train import CHECKPOINT, MODEL_DIR, RunConfig, is_finished, train
 
@@ -56,7 +57,7 @@ def sweep(
                 train(config, run_dir, resume=(run_dir / CHECKPOINT).exists(), device=device, quiet=quiet)
             if not main_process:
                 continue
-            model = Transformer.from_pretrained(run_dir / MODEL_DIR, device=_eval_device(device))
+            model = Transformer.from_pretrained(run_dir / MODEL_DIR, device=eval_device(device))
             for length in lengths:
                 if (variant, seed, length) in done:
                     continue
@@ -71,7 +72,7 @@ def sweep(
                 record["results"].append({"variant": variant, "seed": seed, **row})
                 results.write(record, path)
                 if not quiet:
-                    print(_line(variant, seed, row), flush=True)
+                    print(result_line(variant, seed, row), flush=True)
     if main_process:
         results.write(record, path)
         results.report(record, out)
@@ -90,11 +91,11 @@ def evaluate_models(
     device: str = "auto",
     quiet: bool = False,
 ) -> dict:
-    """Evaluate saved models (variant name -> model folder) at ``lengths``; writes results.json and the report."""
+    """Evaluate saved models (variant -> model folder) at ``lengths``; writes results.json and the report."""
     out = Path(out)
     record = results.new_record(config.task, config.task_options, config.max_length)
     for variant, folder in models.items():
-        model = Transformer.from_pretrained(folder, device=_eval_device(device))
+        model = Transformer.from_pretrained(folder, device=eval_device(device))
         for length in lengths:
             row = evaluate(
                 model,
@@ -107,20 +108,19 @@ def evaluate_models(
             record["results"].append({"variant": variant, "seed": seed, **row})
             results.write(record, out / "results.json")
             if not quiet:
-                print(_line(variant, seed, row), flush=True)
+                print(result_line(variant, seed, row), flush=True)
     results.report(record, out)
     return record
 
 
-def _eval_device(device: str) -> str:
-    from .distributed import resolve_device
-
+def eval_device(device: str) -> str:
     return str(resolve_device(device))
 
 
-def _line(variant: str, seed: int, row: dict) -> str:
+def result_line(variant: str, seed: int, row: dict) -> str:
     text = f"{variant:>10} seed {seed} length {row['length']:>6}: exact {row['exact_match']:5.1f}%"
     text += f"  per-token {row['token_accuracy']:5.1f}%"
     if "max_weight" in row:
-        text += f"  max weight {row['max_weight']:.3f}  entropy {row['entropy']:.3f}  support {row['support']:.1f}"
+        text += f"  max weight {row['max_weight']:.3f}  entropy {row['entropy']:.3f}"
+        text += f"  support {row['support']:.1f}"
     return text

@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine, clipping, checkpoints that resume exactly, DDP under torchrun."""
+"""The training loop: AdamW, warmup + cosine, clipping, exactly resumable checkpoints, DDP under torchrun."""
 
 from __future__ import annotations
 

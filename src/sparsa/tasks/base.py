@@ -28,7 +28,7 @@ SPLITS = {"train": 0, "validation": 1, "test": 2, "export": 3}
 
 @dataclass(frozen=True)
 class Example:
-    """tokens (n,) int64 and labels (n,) int64 (IGNORE where no loss); ``prompt`` tokens precede the answer."""
+    """tokens (n,) and labels (n,) int64 (IGNORE where no loss); ``prompt`` tokens precede the answer."""
 
     tokens: np.ndarray
     labels: np.ndarray

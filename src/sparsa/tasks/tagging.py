@@ -12,7 +12,7 @@ from .base import IGNORE, Task, register
 @register
 @dataclass(frozen=True)
 class LocalCount(Task):
-    """Blocks of one repeated symbol (2..max_reps long, neighbours differ); label = 0-based count in the block."""
+    """Blocks of a repeated symbol (2..max_reps long, neighbours differ); label: 0-based count in it."""
 
     name = "local_count"
     kind = "classify"
