@@ -1,5 +1,6 @@
 """Training, resuming, distributed training, evaluation, results and the command line."""
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -130,16 +131,14 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
 
 
 def test_exact_match_equals_decoding_every_example(tmp_path):
-    model_dir = train(
-        _config(steps=30, eval_every=30, checkpoint_every=30, lr=3e-3), tmp_path / "run", quiet=True
-    )
-    model = Transformer.from_pretrained(model_dir).eval()
-    task = make_task("copy", vocab=6)
-    result = evaluate(model, task, 3, examples=40, seed=0)
-    examples = [sample(task, 0, "test", 3, i) for i in range(40)]
-    decoded = decoded_correctly(model, examples, torch.device("cpu"))
-    assert result["exact_match"] == pytest.approx(100.0 * float(decoded.float().mean()))
-    assert 0 <= result["token_accuracy"] <= 100
+    config = _config(task="flipflop", task_options={}, min_length=4, max_length=8, steps=40, lr=3e-3)
+    model = Transformer.from_pretrained(train(config, tmp_path / "run", quiet=True)).eval()
+    for length in (8, 16):
+        result = evaluate(model, config.make_task(), length, examples=40, seed=0)
+        examples = [sample(config.make_task(), 0, "test", length, i) for i in range(40)]
+        decoded = decoded_correctly(model, examples, torch.device("cpu"))
+        assert result["exact_match"] == pytest.approx(100.0 * float(decoded.float().mean()))
+        assert 0 < result["exact_match"] < 100
 
 
 def test_classification_tasks_train_and_evaluate(tmp_path):
@@ -233,3 +232,25 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "usage: sparsa" in capsys.readouterr().out
+
+
+def test_the_demo_evaluates_the_shipped_models(tmp_path, monkeypatch):
+    demo = importlib.import_module("sparsa.experiments.demo")
+    monkeypatch.setattr(demo, "DEMO_LENGTHS", [16, 32])
+    monkeypatch.setattr(demo, "SUMMARY_EXAMPLES", 1)
+    record = demo.run_demo(tmp_path, examples=3, device="cpu", quiet=True)
+    assert {r["variant"] for r in record["results"]} == {"softmax", "ssmax", "entmax", "asentmax"}
+    for variant in ("softmax", "asentmax"):
+        shipped = json.loads((demo.SHIPPED / variant / "run.json").read_text())
+        assert RunConfig.from_dict(shipped) == dataclasses.replace(demo.demo_config(), variant=variant)
+    assert (tmp_path / "results.json").exists() and (tmp_path / "exact_match.png").exists()
+
+
+def test_the_demo_retrains_with_the_sweep(tmp_path, monkeypatch):
+    demo = importlib.import_module("sparsa.experiments.demo")
+    tiny = _config(task="copy", task_options={"vocab": 64, "distinct": 1}, min_length=8, max_length=16, steps=2)
+    monkeypatch.setattr(demo, "demo_config", lambda: tiny)
+    monkeypatch.setattr(demo, "DEMO_LENGTHS", [16])
+    record = demo.run_demo(tmp_path, retrain=True, examples=2, device="cpu", quiet=True)
+    assert len(record["results"]) == 4
+    assert (tmp_path / "runs" / "asentmax-seed0" / "model" / "model.safetensors").exists()

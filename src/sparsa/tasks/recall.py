@@ -102,7 +102,7 @@ class MQMTAR(Task):
 @register
 @dataclass(frozen=True)
 class FlipFlop(Task):
-    """``length / 2`` (instruction, bit) pairs: write, then write or ignore, and a final read.
+    """``length // 2`` (instruction, bit) pairs: write, then write or ignore, and a final read.
 
     Each middle instruction is a write with probability ``p_write``; the
     target is the bit of the last write.
@@ -118,8 +118,8 @@ class FlipFlop(Task):
             raise ValueError(f"flipflop: p_write must lie in [0, 1], got {self.p_write}")
 
     def check_length(self, length: int) -> None:
-        if length < 4 or length % 2:
-            raise ValueError(f"flipflop: length must be even and >= 4, got {length}")
+        if length < 4:
+            raise ValueError(f"flipflop: length must be >= 4, got {length}")
 
     def body(self, rng, length):
         n = length // 2
