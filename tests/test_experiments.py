@@ -248,7 +248,9 @@ def test_the_demo_evaluates_the_shipped_models(tmp_path, monkeypatch):
 
 def test_the_demo_retrains_with_the_sweep(tmp_path, monkeypatch):
     demo = importlib.import_module("sparsa.experiments.demo")
-    tiny = _config(task="copy", task_options={"vocab": 64, "distinct": 1}, min_length=8, max_length=16, steps=2)
+    tiny = _config(
+        task="copy", task_options={"vocab": 64, "distinct": 1}, min_length=8, max_length=16, steps=2
+    )
     monkeypatch.setattr(demo, "demo_config", lambda: tiny)
     monkeypatch.setattr(demo, "DEMO_LENGTHS", [16])
     record = demo.run_demo(tmp_path, retrain=True, examples=2, device="cpu", quiet=True)

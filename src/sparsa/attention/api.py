@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from numbers import Real
 
@@ -13,7 +14,14 @@ from .masks import KeyPadding, ScoreBias
 from .reference import reference_attention
 from .stats import AttentionStats
 
-BACKENDS = {"reference": reference_attention, "blocked": blocked_attention}
+
+def _triton_attention(q, k, v, alpha, bias, scale, stats):
+    from .triton import triton_attention
+
+    return triton_attention(q, k, v, alpha, bias, scale, stats)
+
+
+BACKENDS = {"reference": reference_attention, "blocked": blocked_attention, "triton": _triton_attention}
 
 
 def attention(
@@ -45,7 +53,10 @@ def attention(
         scale: multiplies q k^T; default 1/sqrt(D).
         alibi_slopes: (H,) or (B, H); adds slope * (key_pos - query_pos).
         backend: "reference" (dense, the ground truth), "blocked"
-            (memory-efficient, O(N) extra memory per head) or "auto".
+            (memory-efficient, O(N) extra memory per head), "triton" (fused
+            kernels: CUDA, or Triton's interpreter on CPU; alpha in (1, 2],
+            alpha = 1 runs the blocked softmax path; no attn_mask tensor) or
+            "auto" (triton on CUDA where it applies, blocked elsewhere).
         return_stats: also return :class:`AttentionStats` (per-row tau and
             support size, skipped fraction).
 
@@ -77,7 +88,13 @@ def attention(
         alibi_slopes=alibi_slopes,
         device=q.device,
     )
-    run = BACKENDS["blocked" if backend == "auto" else backend]
+    if backend == "auto":
+        backend = "triton" if _triton_applies(q, alpha, attn_mask) else "blocked"
+    elif backend == "triton":
+        _check_triton(alpha, attn_mask)
+        if isinstance(alpha, float) and alpha == 1.0:
+            backend = "blocked"
+    run = BACKENDS[backend]
     out, stats = run(q, k, v, alpha, bias, scale, return_stats)
     return (out, stats) if return_stats else out
 
@@ -131,3 +148,29 @@ def _check_scale(scale: float) -> float:
     if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)
+
+
+def _triton_applies(q: Tensor, alpha: float | Tensor, attn_mask) -> bool:
+    if not q.is_cuda or isinstance(attn_mask, Tensor) or not _alpha_in_triton_range(alpha):
+        return False
+    if isinstance(alpha, float) and alpha == 1.0:
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def _alpha_in_triton_range(alpha: float | Tensor) -> bool:
+    values = alpha.detach() if isinstance(alpha, Tensor) else torch.tensor(alpha)
+    return bool(((values > 1) & (values <= 2)).all()) or (not isinstance(alpha, Tensor) and alpha == 1.0)
+
+
+def _check_triton(alpha: float | Tensor, attn_mask) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend 'triton' needs the triton package: pip install 'sparsa[triton]'")
+    if isinstance(attn_mask, Tensor):
+        raise ValueError(
+            "backend 'triton' takes is_causal, KeyPadding and ALiBi; an attn_mask tensor needs 'blocked'"
+        )
+    if not _alpha_in_triton_range(alpha):
+        raise ValueError(
+            "backend 'triton' takes alpha in (1, 2] (or the float 1.0); use 'blocked' for other alpha"
+        )

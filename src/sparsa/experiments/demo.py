@@ -35,6 +35,8 @@ def demo_config() -> RunConfig:
         model=settings["model"],
         min_length=8,
         max_length=16,
+        val_length=64,
+        eval_every=100,
         seed=DEMO_SEED,
         **settings["train"],
     )

@@ -1,0 +1,303 @@
+"""Triton kernels of alpha-entmax attention: forward (max, threshold, output) and backward (dQ; dK, dV).
+
+Notation per query row: s = scale q.k + ALiBi (masked keys -inf), m = max s,
+z = (alpha - 1)(s - m) <= 0, weights p = [z - tau]_+^(1/(alpha-1)) with tau
+in [-1, -n^(1-alpha)] such that sum p = 1. The forward streams over key tiles
+three times: the row maxima, then safeguarded Newton passes for tau (Newton
+from the left of a convex decreasing function, with bisection on the bracket
+when a step leaves it), then the output. It stores m and tau, from which the
+backward recomputes every weight, and U = sum g v / sum g with g = p^(2-alpha)
+(the entmax Jacobian is diag(g) - g g^T / sum g), plus, when alpha is learnt,
+W = sum p log p v and H = sum p log p for its gradient.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEWTON_TOLERANCE = 1e-6
+MAX_PASSES = 60
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    return tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_tile(base, offs_n, offs_d, stride_n, stride_d, n_k, WIDTH: tl.constexpr):
+    mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < WIDTH)
+    return tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _real_keys(Lengths, b, n_k, PAD: tl.constexpr):
+    """[lo, hi): the real keys of batch entry b (PAD 0: none, 1: right padding, 2: left padding)."""
+    if PAD == 0:
+        lo = 0
+        hi = n_k
+    elif PAD == 1:
+        lo = 0
+        hi = tl.load(Lengths + b)
+    else:
+        lo = n_k - tl.load(Lengths + b)
+        hi = n_k
+    return lo, hi
+
+
+@triton.jit
+def _key_range(
+    pid_m, n_q, n_k, lo, hi, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Start of the first key tile and end of the keys that a query tile can see."""
+    end = hi
+    if IS_CAUSAL:
+        end = tl.minimum(hi, n_k - n_q + (pid_m + 1) * BLOCK_M)
+    return (lo // BLOCK_N) * BLOCK_N, end
+
+
+@triton.jit
+def _scores(q, k, offs_n, q_pos, lo, hi, slope, scale,
+            IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) scores of a query tile against the key tile k at offs_n, -inf where masked."""
+    s = _dot(q, tl.trans(k), PRECISION) * scale
+    if HAS_ALIBI:
+        s += slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
+    keep = (offs_n[None, :] >= lo) & (offs_n[None, :] < hi)
+    if IS_CAUSAL:
+        keep = keep & (offs_n[None, :] <= q_pos[:, None])
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _power(d, exponent):
+    """d^exponent for d > 0, 0 elsewhere."""
+    positive = d > 0
+    return tl.where(positive, tl.exp(exponent * tl.log(tl.where(positive, d, 1.0))), 0.0)
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, Out, U, W, Stats, Alpha, Slopes, Lengths,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    n_heads, n_q, n_k, group, scale, slope_stride, tolerance, max_passes,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m < n_q
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
+    q_pos = offs_m + (n_k - n_q)
+    am1 = tl.load(Alpha + h).to(tl.float32) - 1.0
+    inv = 1.0 / am1
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * slope_stride + h).to(tl.float32)
+    lo, hi = _real_keys(Lengths, b, n_k, PAD)
+    start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    count = tl.zeros([BLOCK_M], tl.float32)
+    for first in range(start, end, BLOCK_N):
+        offs_n = first + offs_nb
+        k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+        s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+        m = tl.maximum(m, tl.max(s, 1))
+        count += tl.sum((s > float("-inf")).to(tl.float32), 1)
+    seen = count > 0
+    m = tl.where(seen, m, 0.0)
+
+    # tau in [-1, -count^(1 - alpha)]: f(-1) >= 0 (the maximum alone has weight 1), f(upper) <= 0.
+    lower = tl.full([BLOCK_M], -1.0, tl.float32)
+    upper = -tl.exp(-am1 * tl.log(tl.maximum(count, 1.0)))
+    tau = lower
+    active = tl.sum(seen.to(tl.int32))
+    passes = tl.full([], 0, tl.int32)
+    while (active > 0) & (passes < max_passes):
+        total = tl.zeros([BLOCK_M], tl.float32)
+        derivative = tl.zeros([BLOCK_M], tl.float32)
+        for first in range(start, end, BLOCK_N):
+            offs_n = first + offs_nb
+            k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+            s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            d = (s - m[:, None]) * am1 - tau[:, None]
+            total += tl.sum(_power(d, inv), 1)
+            derivative += tl.sum(_power(d, inv - 1.0), 1)
+        f = total - 1.0
+        done = (tl.abs(f) <= tolerance) | (~seen)
+        lower = tl.where(f > 0, tau, lower)
+        upper = tl.where(f < 0, tau, upper)
+        newton = tau + f / tl.maximum(inv * derivative, 1e-30)
+        inside = (newton > lower) & (newton < upper)
+        tau = tl.where(done, tau, tl.where(inside, newton, 0.5 * (lower + upper)))
+        active = tl.sum((~done).to(tl.int32))
+        passes += 1
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc_w = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    p_sum = tl.zeros([BLOCK_M], tl.float32)
+    g_sum = tl.zeros([BLOCK_M], tl.float32)
+    entropy = tl.zeros([BLOCK_M], tl.float32)
+    support = tl.zeros([BLOCK_M], tl.float32)
+    for first in range(start, end, BLOCK_N):
+        offs_n = first + offs_nb
+        k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+        s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+        d = (s - m[:, None]) * am1 - tau[:, None]
+        # Tiles where every weight is zero (the sparsity) cost no load of V and no product.
+        if tl.max(tl.max(d, 1), 0) > 0:
+            p = _power(d, inv)
+            g = _power(d, (1.0 - am1) * inv)
+            v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
+            acc += _dot(p, v, PRECISION)
+            acc_g += _dot(g, v, PRECISION)
+            p_sum += tl.sum(p, 1)
+            g_sum += tl.sum(g, 1)
+            support += tl.sum((d > 0).to(tl.float32), 1)
+            if ALPHA_GRAD:
+                p_log_p = tl.where(d > 0, p * inv * tl.log(tl.where(d > 0, d, 1.0)), 0.0)
+                entropy += tl.sum(p_log_p, 1)
+                acc_w += _dot(p_log_p, v, PRECISION)
+    p_sum = tl.where(p_sum > 0, p_sum, 1.0)
+    g_sum = tl.where(g_sum > 0, g_sum, 1.0)
+    out_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
+    out = Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    tl.store(out, (acc / p_sum[:, None]).to(Out.dtype.element_ty), mask=out_mask)
+    row_base = (b * n_heads + h) * n_q
+    aux_offsets = (row_base + offs_m)[:, None] * VALUE_DIM + offs_dv[None, :]
+    tl.store(U + aux_offsets, acc_g / g_sum[:, None], mask=out_mask)
+    if ALPHA_GRAD:
+        tl.store(W + aux_offsets, acc_w, mask=out_mask)
+    stats = Stats + (row_base + offs_m) * 4
+    tl.store(stats, m, mask=rows)
+    tl.store(stats + 1, tl.where(seen, tau, float("inf")), mask=rows)
+    tl.store(stats + 2, entropy, mask=rows)
+    tl.store(stats + 3, support, mask=rows)
+
+
+@triton.jit
+def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexpr):
+    """p, and dS = g (dO v^T - delta) for one tile."""
+    d = (s - m[:, None]) * am1 - tau[:, None]
+    p = _power(d, inv)
+    g = _power(d, (1.0 - am1) * inv)
+    return p, g * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
+
+
+@triton.jit
+def _backward_query_kernel(
+    Q, K, V, DO, DQ, Stats, Delta, Alpha, Slopes, Lengths,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    n_heads, n_q, n_k, group, scale, slope_stride,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PAD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query tile; DO has O's strides, DQ has Q's."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m < n_q
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
+    do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
+    row_base = (b * n_heads + h) * n_q
+    stats = Stats + (row_base + offs_m) * 4
+    m = tl.load(stats, mask=rows, other=0.0)
+    tau = tl.load(stats + 1, mask=rows, other=float("inf"))
+    delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
+    q_pos = offs_m + (n_k - n_q)
+    am1 = tl.load(Alpha + h).to(tl.float32) - 1.0
+    inv = 1.0 / am1
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * slope_stride + h).to(tl.float32)
+    lo, hi = _real_keys(Lengths, b, n_k, PAD)
+    start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for first in range(start, end, BLOCK_N):
+        offs_n = first + offs_nb
+        k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+        s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+        v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
+        _, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
+        dq += _dot(ds, k, PRECISION)
+    dq_mask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dq_ptrs = DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
+
+
+@triton.jit
+def _backward_key_kernel(
+    Q, K, V, DO, DK, DV, Stats, Delta, Alpha, Slopes, Lengths,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    PAD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of a key tile, summed over the query heads of its group (no atomics); DK, DV: K, V strides."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+    v = _load_tile(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
+    lo, hi = _real_keys(Lengths, b, n_k, PAD)
+    offset = n_k - n_q
+    first_query = 0
+    if IS_CAUSAL:
+        first_query = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for j in range(0, group):
+        h = hk * group + j
+        am1 = tl.load(Alpha + h).to(tl.float32) - 1.0
+        inv = 1.0 / am1
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Slopes + b * slope_stride + h).to(tl.float32)
+        row_base = (b * n_heads + h) * n_q
+        for start_m in range(first_query, n_q, BLOCK_M):
+            offs_m = start_m + offs_mb
+            rows = offs_m < n_q
+            q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
+            do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
+            stats = Stats + (row_base + offs_m) * 4
+            m = tl.load(stats, mask=rows, other=0.0)
+            tau = tl.load(stats + 1, mask=rows, other=float("inf"))
+            delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
+            s = _scores(q, k, offs_n, offs_m + offset, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            p, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
+            dv += _dot(tl.trans(p), do, PRECISION)
+            dk += _dot(tl.trans(ds), q, PRECISION)
+    k_mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+    v_mask = (offs_n[:, None] < n_k) & (offs_dv[None, :] < VALUE_DIM)
+    dk_ptrs = DK + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    dv_ptrs = DV + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=v_mask)

@@ -1,0 +1,107 @@
+"""The Triton backend against the dense reference; on CPU through Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+import sparsa  # noqa: E402
+from sparsa.attention import KeyPadding  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _inputs(batch, heads, kv_heads, n_q, n_k, dim, dtype, value_dim=None):
+    q = torch.randn(batch, heads, n_q, dim, device=DEVICE).to(dtype).requires_grad_()
+    k = torch.randn(batch, kv_heads, n_k, dim, device=DEVICE).to(dtype).requires_grad_()
+    v = torch.randn(batch, kv_heads, n_k, value_dim or dim, device=DEVICE).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _compare(q, k, v, dtype, **options):
+    out = sparsa.attention(q, k, v, backend="triton", **options)
+    ref = sparsa.attention(q.float(), k.float(), v.float(), backend="reference", **options)
+    grad = torch.randn_like(ref)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    inputs = [q, k, v]
+    alpha = options.get("alpha")
+    if isinstance(alpha, torch.Tensor) and alpha.requires_grad:
+        inputs.append(alpha)
+    got = torch.autograd.grad(out, inputs, grad.to(dtype))
+    expected = torch.autograd.grad(ref, inputs, grad)
+    for name, a, b in zip(("q", "k", "v", "alpha"), got, expected, strict=False):
+        scale = max(1.0, float(b.abs().max()))
+        error = float((a.float() - b).abs().max())
+        assert error <= tol * scale * 4, f"gradient of {name}: error {error:.2e} at scale {scale:.2f}"
+
+
+@pytest.mark.parametrize("length", [1, 17, 64, 100, 128, 130])
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_causal_lengths_and_alpha(length, alpha):
+    q, k, v = _inputs(1, 2, 1, length, length, 16, torch.float32)
+    _compare(q, k, v, torch.float32, alpha=alpha, is_causal=True)
+
+
+@pytest.mark.parametrize(("n_q", "n_k"), [(17, 17), (1, 100), (40, 130)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_bidirectional_and_queries_at_the_end_of_the_keys(n_q, n_k, is_causal):
+    q, k, v = _inputs(2, 4, 2, n_q, n_k, 32, torch.float32, value_dim=24)
+    _compare(q, k, v, torch.float32, alpha=1.5, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_alibi_and_grouped_heads(side):
+    q, k, v = _inputs(3, 4, 2, 70, 70, 16, torch.float32)
+    padding = KeyPadding(torch.tensor([70, 33, 1], device=DEVICE), side=side)
+    slopes = torch.tensor([[0.5, 0.25, 0.0, 1.0]] * 3, device=DEVICE)
+    _compare(q, k, v, torch.float32, alpha=1.5, is_causal=True, attn_mask=padding, alibi_slopes=slopes)
+
+
+def test_per_head_learnt_alpha_gets_its_gradient():
+    q, k, v = _inputs(2, 4, 4, 50, 50, 16, torch.float32)
+    alpha = torch.tensor([1.25, 1.5, 1.75, 2.0], device=DEVICE, requires_grad=True)
+    _compare(
+        q, k, v, torch.float32, alpha=alpha, is_causal=True, alibi_slopes=torch.full((4,), 0.1, device=DEVICE)
+    )
+
+
+@pytest.mark.parametrize("dim", [16, 64, 80])
+def test_half_precision_and_head_dims(dim):
+    q, k, v = _inputs(1, 2, 1, 45, 45, dim, torch.float16)
+    _compare(q, k, v, torch.float16, alpha=1.5, is_causal=True)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter has no correct bf16 products")
+def test_bfloat16_on_gpu():
+    q, k, v = _inputs(2, 4, 2, 300, 300, 64, torch.bfloat16)
+    _compare(q, k, v, torch.bfloat16, alpha=1.5, is_causal=True)
+
+
+def test_results_are_deterministic_and_stats_match_the_reference():
+    q, k, v = _inputs(1, 2, 2, 40, 40, 16, torch.float32)
+    first, stats = sparsa.attention(q, k, v, backend="triton", is_causal=True, return_stats=True)
+    second = sparsa.attention(q, k, v, backend="triton", is_causal=True)
+    assert torch.equal(first, second)
+    _, ref = sparsa.attention(q, k, v, backend="reference", is_causal=True, return_stats=True)
+    assert torch.equal(stats.support, ref.support)
+    torch.testing.assert_close(stats.tau, ref.tau, atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_and_unsupported_inputs():
+    q, k, v = _inputs(1, 2, 1, 20, 20, 16, torch.float32)
+    torch.testing.assert_close(
+        sparsa.attention(q, k, v, alpha=1.0, backend="triton", is_causal=True),
+        sparsa.attention(q, k, v, alpha=1.0, backend="reference", is_causal=True),
+    )
+    with pytest.raises(ValueError, match="alpha in"):
+        sparsa.attention(q, k, v, alpha=2.5, backend="triton")
+    with pytest.raises(ValueError, match="attn_mask tensor"):
+        sparsa.attention(
+            q, k, v, backend="triton", attn_mask=torch.ones(20, 20, dtype=torch.bool, device=DEVICE)
+        )
