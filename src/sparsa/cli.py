@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     from .benchmarks import attention as attention_bench
+    from .benchmarks import gpu as gpu_bench
     from .benchmarks import normalizers as normalizer_bench
 
     normalizers = benchmarks.add_parser(
@@ -134,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attention_bench.add_arguments(attention)
     attention.set_defaults(run=attention_bench.run_from_args)
+    gpu = benchmarks.add_parser(
+        "gpu", help="the Triton backend on a GPU: correctness, then time against torch SDPA and adasplash"
+    )
+    gpu_bench.add_arguments(gpu)
+    gpu.set_defaults(run=gpu_bench.run_from_args)
     return parser
 
 
