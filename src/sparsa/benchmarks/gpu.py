@@ -140,8 +140,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--check-lengths", type=int, nargs="+", default=[1000, 4096, 32768],
-                        help="lengths of the correctness check (reference up to 4096, blocked beyond)")  # fmt: skip
+    parser.add_argument(
+        "--check-lengths",
+        type=int,
+        nargs="+",
+        default=[1000, 4096, 32768],
+        help="lengths of the correctness check (reference up to 4096, blocked beyond)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for gpu.json")
 
 
