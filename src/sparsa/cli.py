@@ -153,11 +153,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .experiments.evaluate import evaluate
     from .experiments.results import new_record, report, write
-    from .experiments.sweep import default_lengths, eval_device, result_line
+    from .experiments.sweep import default_lengths, evaluate_into
     from .experiments.train import MODEL_DIR, RUN_FILE, RunConfig
-    from .models import Transformer
 
     folder = Path(args.model)
     run_file = folder / RUN_FILE if (folder / RUN_FILE).exists() else folder.parent / RUN_FILE
@@ -165,22 +163,24 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"sparsa eval: no {RUN_FILE} in {folder} or its parent: cannot tell the task")
     config = RunConfig.from_dict(json.loads(run_file.read_text()))
     model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).exists() else folder
-    model = Transformer.from_pretrained(model_dir, device=eval_device(args.device))
     record = new_record(config.task, config.task_options, config.max_length)
-    for length in args.lengths or default_lengths(config.max_length):
-        row = evaluate(
-            model,
-            config.make_task(),
-            length,
-            examples=args.examples,
-            seed=args.seed,
-            summary_examples=args.summary_examples,
-        )
-        record["results"].append({"variant": config.variant, "seed": args.seed, **row})
-        print(result_line(config.variant, args.seed, row), flush=True)
-    if args.out:
-        write(record, Path(args.out) / "results.json")
-        report(record, args.out)
+    out = Path(args.out) if args.out else None
+    evaluate_into(
+        record,
+        out / "results.json" if out else None,
+        model_dir,
+        config.make_task(),
+        config.variant,
+        args.seed,
+        args.lengths or default_lengths(config.max_length),
+        examples=args.examples,
+        summary_examples=args.summary_examples,
+        device=args.device,
+        quiet=False,
+    )
+    if out:
+        write(record, out / "results.json")
+        report(record, out)
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..models import Transformer
+from ..tasks import Task
 from . import results
 from .distributed import resolve_device
 from .evaluate import evaluate
@@ -57,22 +58,19 @@ def sweep(
                 train(config, run_dir, resume=(run_dir / CHECKPOINT).exists(), device=device, quiet=quiet)
             if not main_process:
                 continue
-            model = Transformer.from_pretrained(run_dir / MODEL_DIR, device=eval_device(device))
-            for length in lengths:
-                if (variant, seed, length) in done:
-                    continue
-                row = evaluate(
-                    model,
-                    config.make_task(),
-                    length,
-                    examples=examples,
-                    seed=seed,
-                    summary_examples=summary_examples,
-                )
-                record["results"].append({"variant": variant, "seed": seed, **row})
-                results.write(record, path)
-                if not quiet:
-                    print(result_line(variant, seed, row), flush=True)
+            evaluate_into(
+                record,
+                path,
+                run_dir / MODEL_DIR,
+                config.make_task(),
+                variant,
+                seed,
+                [n for n in lengths if (variant, seed, n) not in done],
+                examples=examples,
+                summary_examples=summary_examples,
+                device=device,
+                quiet=quiet,
+            )
     if main_process:
         results.write(record, path)
         results.report(record, out)
@@ -95,22 +93,46 @@ def evaluate_models(
     out = Path(out)
     record = results.new_record(config.task, config.task_options, config.max_length)
     for variant, folder in models.items():
-        model = Transformer.from_pretrained(folder, device=eval_device(device))
-        for length in lengths:
-            row = evaluate(
-                model,
-                config.make_task(),
-                length,
-                examples=examples,
-                seed=seed,
-                summary_examples=summary_examples,
-            )
-            record["results"].append({"variant": variant, "seed": seed, **row})
-            results.write(record, out / "results.json")
-            if not quiet:
-                print(result_line(variant, seed, row), flush=True)
+        evaluate_into(
+            record,
+            out / "results.json",
+            folder,
+            config.make_task(),
+            variant,
+            seed,
+            lengths,
+            examples=examples,
+            summary_examples=summary_examples,
+            device=device,
+            quiet=quiet,
+        )
     results.report(record, out)
     return record
+
+
+def evaluate_into(
+    record: dict,
+    path: Path | None,
+    model_dir: Path,
+    task: Task,
+    variant: str,
+    seed: int,
+    lengths: list[int],
+    *,
+    examples: int,
+    summary_examples: int,
+    device: str,
+    quiet: bool,
+) -> None:
+    """Evaluate the model in ``model_dir`` at each length; rows go to ``record``, written to ``path``."""
+    model = Transformer.from_pretrained(model_dir, device=eval_device(device))
+    for length in lengths:
+        row = evaluate(model, task, length, examples=examples, seed=seed, summary_examples=summary_examples)
+        record["results"].append({"variant": variant, "seed": seed, **row})
+        if path is not None:
+            results.write(record, path)
+        if not quiet:
+            print(result_line(variant, seed, row), flush=True)
 
 
 def eval_device(device: str) -> str:

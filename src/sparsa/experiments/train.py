@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import Transformer, TransformerConfig
+from ..models.config import from_fields
 from ..tasks import IGNORE, PAD, Task, make_task
 from . import distributed
 from .data import training_batch
@@ -87,11 +88,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown run fields {unknown}")
-        return cls(**values)
+        return from_fields(cls, values)
 
 
 def learning_rate(config: RunConfig, step: int) -> float:

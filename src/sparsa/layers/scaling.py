@@ -22,7 +22,23 @@ def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class ASEntmaxScale(nn.Module):
+class _ASEntmaxFormula(nn.Module):
+    """scale = delta + softplus(beta_raw) * (log n)^(gamma_max * tanh(gamma_raw)), shared by both variants."""
+
+    def __init__(self, delta: float, gamma_max: float, beta_init: float) -> None:
+        super().__init__()
+        if beta_init <= 0:
+            raise ValueError(f"beta_init must be > 0, got {beta_init}")
+        self.delta, self.gamma_max, self.beta_init = float(delta), float(gamma_max), float(beta_init)
+
+    def scale(self, beta_raw: Tensor, gamma_raw: Tensor, log_n: Tensor) -> Tensor:
+        """beta_raw, gamma_raw broadcastable to (B, heads, N); log_n (B, N)."""
+        beta = F.softplus(beta_raw.to(log_n.dtype))
+        gamma = self.gamma_max * torch.tanh(gamma_raw.to(log_n.dtype))
+        return self.delta + beta * torch.exp(gamma * torch.log(log_n)[:, None, :])
+
+
+class ASEntmaxScale(_ASEntmaxFormula):
     """Adaptive-scalable entmax: scale = delta + beta * (log n)^gamma, per token and head.
 
     beta = softplus(W_beta x + b_beta) and gamma = gamma_max * tanh(W_gamma x + b_gamma)
@@ -47,13 +63,9 @@ class ASEntmaxScale(nn.Module):
         gamma_max: float = 2.0,
         beta_init: float = 0.1,
     ) -> None:
-        super().__init__()
-        if beta_init <= 0:
-            raise ValueError(f"beta_init must be > 0, got {beta_init}")
-        self.delta, self.gamma_max = float(delta), float(gamma_max)
+        super().__init__(delta, gamma_max, beta_init)
         self.beta = nn.Linear(d_model, n_heads)
         self.gamma = nn.Linear(d_model, n_heads)
-        self.beta_init = float(beta_init)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -64,13 +76,10 @@ class ASEntmaxScale(nn.Module):
 
     def forward(self, x: Tensor, log_n: Tensor) -> Tensor:
         """x (B, N, d_model), log_n (B, N) -> scale (B, heads, N)."""
-        beta = F.softplus(self.beta(x).to(log_n.dtype))
-        gamma = self.gamma_max * torch.tanh(self.gamma(x).to(log_n.dtype))
-        scale = self.delta + beta * torch.exp(gamma * torch.log(log_n)[..., None])
-        return scale.transpose(1, 2)
+        return self.scale(self.beta(x).transpose(1, 2), self.gamma(x).transpose(1, 2), log_n)
 
 
-class StaticASEntmaxScale(nn.Module):
+class StaticASEntmaxScale(_ASEntmaxFormula):
     """ASEntmax with per-head learnt beta_h, gamma_h: scale = delta + beta_h * (log n)^gamma_h.
 
     Starts at beta = ``beta_init``, gamma = 0 for the reason given in
@@ -86,17 +95,12 @@ class StaticASEntmaxScale(nn.Module):
         gamma_max: float = 2.0,
         beta_init: float = 0.1,
     ) -> None:
-        super().__init__()
-        if beta_init <= 0:
-            raise ValueError(f"beta_init must be > 0, got {beta_init}")
-        self.delta, self.gamma_max = float(delta), float(gamma_max)
+        super().__init__(delta, gamma_max, beta_init)
         self.beta_raw = nn.Parameter(torch.full((n_heads,), inverse_softplus(beta_init)))
         self.gamma_raw = nn.Parameter(torch.zeros(n_heads))
 
     def forward(self, x: Tensor, log_n: Tensor) -> Tensor:
-        beta = F.softplus(self.beta_raw.to(log_n.dtype))[:, None]
-        gamma = self.gamma_max * torch.tanh(self.gamma_raw.to(log_n.dtype))[:, None]
-        return self.delta + beta * torch.exp(gamma * torch.log(log_n)[:, None, :])
+        return self.scale(self.beta_raw[:, None], self.gamma_raw[:, None], log_n)
 
 
 class SSMaxScale(nn.Module):

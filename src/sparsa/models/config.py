@@ -82,8 +82,13 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TransformerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TransformerConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_fields(cls, values)
+
+
+def from_fields(cls, values: dict):
+    """The dataclass ``cls`` built from ``values``, naming the unknown fields if there are any."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return cls(**values)
