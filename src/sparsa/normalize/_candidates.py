@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._compile import row_kernel
-
 BLOCK = 16
 MIN_BLOCKS = 8
 # Gathering costs about two passes over the rows; iterate on the candidates only
@@ -28,18 +26,13 @@ NARROWING_ATTEMPTS = 3
 BOUND_MARGIN = 1e-4
 
 
-@row_kernel
-def _block_maxima(tiled: Tensor) -> Tensor:
-    return tiled.amax(-1)
-
-
 class Entries:
     """The entries of a block of rows x (rows, n) that a solver iterates on (``values``).
 
     ``narrowing=False`` keeps whole rows (for problems too small to gain from it).
     """
 
-    def __init__(self, x: Tensor, compiled: bool, narrowing: bool = True) -> None:
+    def __init__(self, x: Tensor, narrowing: bool = True) -> None:
         self.values = x
         self.length = x.shape[-1]
         self.order: Tensor | None = None
@@ -48,7 +41,8 @@ class Entries:
         self._attempts = NARROWING_ATTEMPTS if narrowing and blocks >= MIN_BLOCKS else 0
         if self._attempts:
             self._tiled = x[:, : self.whole].reshape(x.shape[0], blocks, BLOCK)
-            self._block_max = _block_maxima(self._tiled, compiled=compiled)
+            # One reduction: compiling it gains nothing and recompiles for every view shape.
+            self._block_max = self._tiled.amax(-1)
 
     def row_maxima(self) -> Tensor:
         """Maximum of each row (rows, 1), from the block maxima when there are some."""

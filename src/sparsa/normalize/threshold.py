@@ -242,7 +242,7 @@ def _lower_bound(
     summary = entries.summary()
     if summary is None:
         return bound
-    coarse = Entries(summary, compiled, narrowing=False)
+    coarse = Entries(summary, narrowing=False)
     _, lower = _solve(coarse, m, alpha, None, tol, skip, bound, compiled)
     return torch.where(skip, bound, (lower - BOUND_MARGIN).clamp_min(-1))
 
@@ -251,7 +251,7 @@ def shifted_threshold(
     x: Tensor, alpha: float | Tensor, k: int | None, tol: float | None, compiled: bool
 ) -> Threshold:
     """Thresholds of a block of rows x (rows, n) for alpha a float or a (rows, 1) tensor > 1."""
-    entries = Entries(x, compiled)
+    entries = Entries(x)
     m = entries.row_maxima()
     masked = m == -INF
     invalid = torch.isnan(m) | (m == INF)
