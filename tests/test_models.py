@@ -134,6 +134,17 @@ def test_save_and_load_round_trip(tmp_path, variant):
     assert loaded.config.tie_embeddings == (loaded.head.weight is loaded.embed.weight)
 
 
+def test_weights_stored_in_half_precision_load_into_fp32(tmp_path):
+    model = _model(scaling="asentmax")
+    ids = torch.randint(0, 29, (2, 15))
+    model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    loaded = Transformer.from_pretrained(tmp_path / "half").eval()
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(loaded(ids), model(ids), atol=2e-3, rtol=2e-3)
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * 4 * model.num_parameters()
+
+
 def test_loading_reports_missing_files_and_unknown_fields(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         Transformer.from_pretrained(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -127,15 +128,20 @@ class Transformer(nn.Module):
         """Decode with a KV cache; see :func:`sparsa.models.generate`."""
         return generate(self, input_ids, max_new_tokens, **options)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json and model.safetensors to ``directory`` (created if needed)."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json and model.safetensors to ``directory`` (created if needed).
+
+        ``dtype`` (e.g. torch.float16) stores the weights in that precision;
+        :meth:`from_pretrained` loads them into an fp32 model.
+        """
         from safetensors.torch import save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"sparsa_version": __version__, "model": "Transformer", "config": self.config.to_dict()}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_model(self, str(directory / WEIGHTS_FILE))
+        stored = self if dtype is None else copy.deepcopy(self).to(dtype)
+        save_model(stored, str(directory / WEIGHTS_FILE))
         return directory
 
     @classmethod
