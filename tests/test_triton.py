@@ -101,6 +101,8 @@ def test_softmax_and_unsupported_inputs():
     )
     with pytest.raises(ValueError, match="alpha in"):
         sparsa.attention(q, k, v, alpha=2.5, backend="triton")
+    with pytest.raises(ValueError, match="alpha in"):
+        sparsa.attention(q, k, v, alpha=torch.tensor([1.5, 2.5], device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="attn_mask tensor"):
         sparsa.attention(
             q, k, v, backend="triton", attn_mask=torch.ones(20, 20, dtype=torch.bool, device=DEVICE)

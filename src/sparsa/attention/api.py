@@ -151,16 +151,15 @@ def _check_scale(scale: float) -> float:
 
 
 def _triton_applies(q: Tensor, alpha: float | Tensor, attn_mask) -> bool:
-    if not q.is_cuda or isinstance(attn_mask, Tensor) or not _alpha_in_triton_range(alpha):
-        return False
-    if isinstance(alpha, float) and alpha == 1.0:
+    if not q.is_cuda or isinstance(attn_mask, Tensor) or not _is_sparse_alpha(alpha):
         return False
     return importlib.util.find_spec("triton") is not None
 
 
-def _alpha_in_triton_range(alpha: float | Tensor) -> bool:
+def _is_sparse_alpha(alpha: float | Tensor) -> bool:
+    """alpha in (1, 2] for every head: what the Triton kernels compute."""
     values = alpha.detach() if isinstance(alpha, Tensor) else torch.tensor(alpha)
-    return bool(((values > 1) & (values <= 2)).all()) or (not isinstance(alpha, Tensor) and alpha == 1.0)
+    return bool(((values > 1) & (values <= 2)).all())
 
 
 def _check_triton(alpha: float | Tensor, attn_mask) -> None:
@@ -170,7 +169,7 @@ def _check_triton(alpha: float | Tensor, attn_mask) -> None:
         raise ValueError(
             "backend 'triton' takes is_causal, KeyPadding and ALiBi; an attn_mask tensor needs 'blocked'"
         )
-    if not _alpha_in_triton_range(alpha):
+    if not (_is_sparse_alpha(alpha) or (isinstance(alpha, float) and alpha == 1.0)):
         raise ValueError(
             "backend 'triton' takes alpha in (1, 2] (or the float 1.0); use 'blocked' for other alpha"
         )

@@ -77,7 +77,7 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     return out, u, (w if alpha_grad else None), stats
 
 
-def backward(launch: _Launch, q, k, v, out, d_out, stats, delta):
+def backward(launch: _Launch, q, k, v, d_out, stats, delta):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -117,7 +117,7 @@ class TritonAttention(torch.autograd.Function):
         d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
         d_work = d_out.float()
         delta = (d_work * u).sum(-1).contiguous()
-        dq, dk, dv = backward(ctx.launch, q, k, v, out, d_out, stats, delta)
+        dq, dk, dv = backward(ctx.launch, q, k, v, d_out, stats, delta)
         d_alpha = None
         if ctx.alpha_grad:
             am1 = (ctx.launch.alpha - 1).view(1, -1, 1)
