@@ -78,6 +78,16 @@ def _power(d, exponent):
 
 
 @triton.jit
+def _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI: tl.constexpr):
+    """alpha - 1, its inverse and the ALiBi slope of head h in batch entry b."""
+    am1 = tl.load(Alpha + h).to(tl.float32) - 1.0
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * slope_stride + h).to(tl.float32)
+    return am1, 1.0 / am1, slope
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, Out, U, W, Stats, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
@@ -98,11 +108,7 @@ def _forward_kernel(
     rows = offs_m < n_q
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
     q_pos = offs_m + (n_k - n_q)
-    am1 = tl.load(Alpha + h).to(tl.float32) - 1.0
-    inv = 1.0 / am1
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + b * slope_stride + h).to(tl.float32)
+    am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
     lo, hi = _real_keys(Lengths, b, n_k, PAD)
     start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
@@ -225,11 +231,7 @@ def _backward_query_kernel(
     tau = tl.load(stats + 1, mask=rows, other=float("inf"))
     delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
     q_pos = offs_m + (n_k - n_q)
-    am1 = tl.load(Alpha + h).to(tl.float32) - 1.0
-    inv = 1.0 / am1
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + b * slope_stride + h).to(tl.float32)
+    am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
     lo, hi = _real_keys(Lengths, b, n_k, PAD)
     start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
@@ -276,11 +278,7 @@ def _backward_key_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for j in range(0, group):
         h = hk * group + j
-        am1 = tl.load(Alpha + h).to(tl.float32) - 1.0
-        inv = 1.0 / am1
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + b * slope_stride + h).to(tl.float32)
+        am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
         row_base = (b * n_heads + h) * n_q
         for start_m in range(first_query, n_q, BLOCK_M):
             offs_m = start_m + offs_mb
