@@ -185,12 +185,28 @@ def test_long_single_head_stays_within_a_memory_budget():
         ({"attn_mask": torch.ones(5, 6, dtype=torch.long)}, TypeError),
         ({"attn_mask": KeyPadding(torch.tensor([1, 9]))}, ValueError),
         ({"is_causal": 1}, TypeError),
+        ({"dropout_p": 1.0}, ValueError),
+        ({"dropout_p": -0.1}, ValueError),
     ],
 )
 def test_bad_arguments(kwargs, error):
     q, k, v = make(2, 4, 2, 5, 6, 8)
     with pytest.raises(error):
         sparsa.attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["blocked", "reference"])
+def test_dropout_drops_weights_as_torch_does(backend):
+    q, k, v = make(2, 4, 2, 5, 7, 8)
+    torch.manual_seed(11)
+    out = sparsa.attention(q, k, v, alpha=1.5, is_causal=True, dropout_p=0.3, backend=backend)
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)).masked_fill(
+        torch.ones(5, 7, dtype=torch.bool).tril(2).logical_not(), -math.inf
+    )
+    torch.manual_seed(11)
+    dropped = torch.nn.functional.dropout(sparsa.entmax(scores, 1.5, dim=-1), 0.3)
+    torch.testing.assert_close(out, dropped @ v.repeat_interleave(2, 1))
+    assert not torch.allclose(out, sparsa.attention(q, k, v, alpha=1.5, is_causal=True))
 
 
 def test_bad_shapes_name_the_argument():

@@ -36,6 +36,7 @@ def attention(
     alibi_slopes: Tensor | None = None,
     backend: str = "auto",
     return_stats: bool = False,
+    dropout_p: float = 0.0,
 ) -> Tensor | tuple[Tensor, AttentionStats]:
     """alpha-entmax attention: entmax_alpha(scale * q k^T + bias) v.
 
@@ -59,6 +60,10 @@ def attention(
             "auto" (triton on CUDA where it applies, blocked elsewhere).
         return_stats: also return :class:`AttentionStats` (per-row tau and
             support size, skipped fraction).
+        dropout_p: attention dropout (weights zeroed with this probability,
+            the rest scaled by 1 / (1 - dropout_p)), for training; it needs
+            the weight matrix, so any dropout_p > 0 runs the dense
+            "reference" backend whatever ``backend`` says.
 
     Rows with no visible key give zeros and zero gradients.
     """
@@ -74,6 +79,8 @@ def attention(
     scale = 1 / math.sqrt(dim) if scale is None else _check_scale(scale)
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if alibi_slopes is not None and alibi_slopes.device != q.device:
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
     if isinstance(attn_mask, Tensor) and attn_mask.device != q.device:
@@ -88,6 +95,9 @@ def attention(
         alibi_slopes=alibi_slopes,
         device=q.device,
     )
+    if dropout_p > 0:
+        out, stats = reference_attention(q, k, v, alpha, bias, scale, return_stats, float(dropout_p))
+        return (out, stats) if return_stats else out
     if backend == "auto":
         backend = "triton" if _triton_applies(q, alpha, attn_mask) else "blocked"
     elif backend == "triton":

@@ -23,8 +23,13 @@ def reference_attention(
     bias: ScoreBias,
     scale: float,
     stats: bool,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, AttentionStats | None]:
-    """alpha-entmax attention of (B, H, Nq, D) queries over (B, Hkv, Nk, D) keys; alpha float or (H,)."""
+    """alpha-entmax attention of (B, H, Nq, D) queries over (B, Hkv, Nk, D) keys; alpha float or (H,).
+
+    ``dropout_p`` > 0 zeroes weights at random and rescales the rest, as
+    torch's attention dropout does; stats describe the weights before it.
+    """
     batch, heads, n_q, _ = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -35,7 +40,8 @@ def reference_attention(
     scores = bias.apply_(scores, 0, n_q)
     head_alpha = alpha if isinstance(alpha, float) else alpha.to(work).view(1, heads, 1, 1)
     weights = entmax(scores, head_alpha, dim=-1)
-    out = weights.view(batch, kv_heads, group * n_q, n_k) @ v.to(work)
+    kept = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    out = kept.view(batch, kv_heads, group * n_q, n_k) @ v.to(work)
     out = out.view(batch, heads, n_q, -1).to(q.dtype)
     if not stats:
         return out, None

@@ -20,7 +20,7 @@ from .positions import (
     length_log,
     rope_angles,
 )
-from .scaling import make_scaling
+from .scaling import make_scaling, scale_heads
 
 SCALED_HEADS = ("auto", "all", "nope")
 
@@ -99,8 +99,6 @@ class SparseAttention(nn.Module):
         _check_positive("head_dim", head_dim)
         if not math.isfinite(alpha) or alpha < 1:
             raise ValueError(f"alpha must be >= 1, got {alpha}")
-        if learn_alpha and not 1 < alpha < 2:
-            raise ValueError(f"learn_alpha keeps alpha in (1, 2); the start value alpha={alpha} is outside")
         if scaled_heads not in SCALED_HEADS:
             raise ValueError(f"scaled_heads must be one of {SCALED_HEADS}, got {scaled_heads!r}")
         if backend not in (*BACKENDS, "auto"):
@@ -137,28 +135,19 @@ class SparseAttention(nn.Module):
 
         self.observer = None
         self.fixed_alpha = float(alpha)
-        if learn_alpha:
-            self.alpha_logit = nn.Parameter(torch.full((n_heads,), math.log((alpha - 1) / (2 - alpha))))
-        else:
-            self.alpha_logit = None
+        self.alpha_logit = learnable_alpha(alpha, n_heads) if learn_alpha else None
 
     @property
     def alpha(self) -> float | Tensor:
         """The entmax alpha: a float, or (H,) in (1, 2) when learnt."""
-        if self.alpha_logit is None:
-            return self.fixed_alpha
-        return 1 + torch.sigmoid(self.alpha_logit)
+        return self.fixed_alpha if self.alpha_logit is None else alpha_from_logit(self.alpha_logit)
 
     def query_scale(self, x: Tensor, layout: TokenLayout) -> Tensor | None:
         """Multiplier (B, H, N) of the queries, 1 on heads that are not scaled; None without scaling."""
         if self.scaling is None:
             return None
         log_n = length_log(layout.visible_keys(self.is_causal), compute_dtype(x.dtype))
-        scale = self.scaling(x, log_n)
-        if scale.shape[1] == self.n_heads:
-            return scale
-        ones = scale.new_ones(scale.shape[0], self.n_heads, scale.shape[2])
-        return ones.index_copy(1, self.scaled_heads, scale)
+        return scale_heads(self.scaling, x, log_n, self.n_heads, self.scaled_heads)
 
     def forward(
         self, x: Tensor, layout: TokenLayout | None = None, cache: KeyValueStore | None = None
@@ -193,6 +182,17 @@ class SparseAttention(nn.Module):
             self.observer(q, k, **options)
         out = attention(q, k, v, backend=self.backend, **options)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+
+
+def learnable_alpha(alpha: float, n_heads: int) -> nn.Parameter:
+    """Per-head logits of alpha = 1 + sigmoid(logit), all starting at ``alpha`` in (1, 2)."""
+    if not 1 < alpha < 2:
+        raise ValueError(f"learn_alpha keeps alpha in (1, 2); the start value alpha={alpha} is outside")
+    return nn.Parameter(torch.full((n_heads,), math.log((alpha - 1) / (2 - alpha))))
+
+
+def alpha_from_logit(logit: Tensor) -> Tensor:
+    return 1 + torch.sigmoid(logit)
 
 
 def _check_positive(name: str, value: int) -> None:

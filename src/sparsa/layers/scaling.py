@@ -140,6 +140,15 @@ class TemperatureScale(nn.Module):
         return scale.unsqueeze(0).expand(log_n.shape[0], -1, -1)
 
 
+def scale_heads(scaling: nn.Module, x: Tensor, log_n: Tensor, n_heads: int, scaled_heads: Tensor) -> Tensor:
+    """Query multipliers (B, n_heads, N): ``scaling``'s output on ``scaled_heads``, 1 on the other heads."""
+    scale = scaling(x, log_n)
+    if scale.shape[1] == n_heads:
+        return scale
+    ones = scale.new_ones(scale.shape[0], n_heads, scale.shape[2])
+    return ones.index_copy(1, scaled_heads, scale)
+
+
 def make_scaling(name: str | None, d_model: int, n_heads: int, **options: float) -> nn.Module | None:
     """The scaling module called ``name`` for ``n_heads`` heads (None: no scaling)."""
     if name is None:

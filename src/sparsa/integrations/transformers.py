@@ -1,0 +1,367 @@
+"""Hugging Face transformers: alpha-entmax, ASEntmax and SSMax attention in existing models.
+
+Importing this module registers the attention implementation ``"sparsa"``
+with transformers' ``AttentionInterface`` (and the boolean-mask builder that
+goes with it), so models written against that interface (Llama, Qwen2/3,
+Mistral, Gemma, ...) run their attention through :func:`sparsa.attention`::
+
+    from transformers import AutoModelForCausalLM
+    from sparsa.integrations.transformers import from_pretrained, sparsify
+
+    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B")
+    sparsify(model, alpha=1.5, scaling="asentmax")   # in place, returns model
+    ...                                              # fine-tune, generate
+    model.save_pretrained("converted")
+    model = from_pretrained("converted")             # reloads as converted
+
+:func:`sparsify` adds a :class:`SparsaControls` module (``.sparsa``) to every
+attention module: the entmax alpha (fixed, or learnt per head) and the
+length-aware scaling of the queries, whose ASEntmax projections read the
+attention module's input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import BACKENDS, attention
+from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
+from ..normalize._validate import compute_dtype
+
+try:
+    import transformers
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "sparsa.integrations.transformers needs transformers>=4.56: pip install 'sparsa[transformers]'"
+    ) from error
+
+IMPLEMENTATION = "sparsa"
+"""The ``attn_implementation`` name under which sparsa's attention is registered."""
+
+CONFIG_KEY = "sparsa"
+"""The model-config attribute that records the conversion (saved in config.json)."""
+
+UNSUPPORTED_CALL_OPTIONS = {
+    "sliding_window": "sliding-window attention",
+    "softcap": "soft-capped scores",
+    "s_aux": "attention sinks",
+    "position_bias": "additive position biases",
+}
+
+
+class SparsaControls(nn.Module):
+    """What sparsa adds to one attention module: the entmax alpha and the query scaling.
+
+    Args:
+        d_model: width of the attention module's input (hidden size).
+        n_heads: query heads.
+        alpha: entmax alpha (1.0 = softmax, 1.5, 2.0 = sparsemax, any >= 1);
+            the start value in (1, 2) when ``learn_alpha``.
+        learn_alpha: learn one alpha per head, alpha = 1 + sigmoid(logit).
+        scaling: None or one of :data:`sparsa.layers.SCALINGS`.
+        scaling_options: keyword arguments of the scaling's constructor.
+        heads: indices of the heads to scale (all by default).
+        backend: passed to :func:`sparsa.attention`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        alpha: float,
+        learn_alpha: bool,
+        scaling: str | None,
+        scaling_options: dict,
+        heads: Sequence[int],
+        backend: str,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.backend = n_heads, backend
+        self.fixed_alpha = float(alpha)
+        self.alpha_logit = learnable_alpha(alpha, n_heads) if learn_alpha else None
+        self.register_buffer("scaled_heads", torch.tensor(list(heads), dtype=torch.long), persistent=False)
+        self.scaling = make_scaling(scaling, d_model, len(heads), **scaling_options)
+        self.input: Tensor | None = None
+
+    @property
+    def alpha(self) -> float | Tensor:
+        return self.fixed_alpha if self.alpha_logit is None else alpha_from_logit(self.alpha_logit)
+
+    def query_scale(self, visible_keys: Tensor) -> Tensor | None:
+        """Multipliers (B, H, Nq) of the queries for (B, Nq) visible keys; None without scaling."""
+        if self.scaling is None:
+            return None
+        if self.input is None:
+            raise RuntimeError(
+                "the attention module's input was not recorded; convert the model with sparsify()"
+            )
+        log_n = length_log(visible_keys.clamp(min=1), compute_dtype(self.input.dtype))
+        return scale_heads(self.scaling, self.input, log_n, self.n_heads, self.scaled_heads)
+
+
+def sparsa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention-function signature over :func:`sparsa.attention`.
+
+    query (B, H, Nq, D), key and value (B, Hkv, Nk, D) as the model passes
+    them (grouped-query heads are not repeated); ``attention_mask`` is the
+    4D mask transformers built (bool, True = attend, or additive float) or
+    None, in which case a causal module's queries are aligned to the end of
+    the keys (prefill after a cache, one-token decoding). Returns the output
+    as (B, Nq, H, D) and no weights.
+    """
+    for option, what in UNSUPPORTED_CALL_OPTIONS.items():
+        if kwargs.get(option) is not None:
+            raise ValueError(f"sparsa attention does not implement {what} ({option}={kwargs[option]!r})")
+    controls = getattr(module, "sparsa", None)
+    if not isinstance(controls, SparsaControls):
+        raise ValueError(
+            f"{type(module).__name__} has no sparsa settings: convert the model with "
+            "sparsa.integrations.transformers.sparsify(model, ...) or load it with from_pretrained"
+        )
+    n_q, n_k = query.shape[2], key.shape[2]
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if attention_mask is not None:
+        attention_mask = _fit_mask(attention_mask, n_k)
+        causal = False
+    scale = controls.query_scale(
+        _visible_keys(attention_mask, causal, query.shape[0], n_q, n_k, query.device)
+    )
+    if scale is not None:
+        query = query * scale[..., None].to(query.dtype)
+    out = attention(
+        query,
+        key,
+        value,
+        alpha=controls.alpha,
+        is_causal=causal and n_q > 1,
+        attn_mask=attention_mask,
+        scale=scaling,
+        backend=controls.backend,
+        dropout_p=float(dropout),
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _fit_mask(mask: Tensor, n_k: int) -> Tensor:
+    if mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 4D (B, 1 or H, Nq, Nk) here, got shape {tuple(mask.shape)}")
+    if mask.shape[-1] < n_k:
+        raise ValueError(f"attention_mask covers {mask.shape[-1]} keys, the keys are {n_k}")
+    return mask[..., :n_k]
+
+
+def _visible_keys(mask: Tensor | None, causal: bool, batch: int, n_q: int, n_k: int, device) -> Tensor:
+    """(B, Nq) number of keys each query attends to."""
+    if mask is None:
+        if causal:
+            return (torch.arange(n_q, device=device) + (n_k - n_q + 1)).expand(batch, n_q)
+        return torch.full((batch, n_q), n_k, device=device)
+    keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if keep.shape[1] != 1:
+        raise ValueError("length-aware scaling needs a mask shared by the heads (B, 1, Nq, Nk)")
+    return keep[:, 0].sum(-1).expand(batch, n_q)
+
+
+def _remember_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    module.sparsa.input = args[0] if args else kwargs["hidden_states"]
+
+
+def _forget_input(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    module.sparsa.input = None
+
+
+AttentionInterface.register(IMPLEMENTATION, sparsa_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of a transformers model that dispatch through ``AttentionInterface``."""
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and hasattr(m, "head_dim") and hasattr(m, "config")
+    ]
+
+
+def sparsify(
+    model: nn.Module,
+    alpha: float = 1.5,
+    *,
+    scaling: str | None = None,
+    heads: str | Sequence[int] = "all",
+    learn_alpha: bool = False,
+    scaling_options: dict | None = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """Switch a transformers model's attention to alpha-entmax in place; returns the model.
+
+    Args:
+        model: a loaded ``PreTrainedModel`` whose attention modules use
+            ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma, ...).
+        alpha: entmax alpha >= 1 (1.0 = softmax, 1.5, 2.0 = sparsemax).
+        scaling: None, "ssmax", "asentmax", "asentmax-static", "temperature"
+            or "learned-temperature"; added as new parameters initialised
+            so the converted model starts close to the original (ASEntmax:
+            scale 1 + 0.1 for every query; SSMax: s = 1, i.e. log(n + 1)).
+        heads: "all" or the indices of the heads to scale.
+        learn_alpha: learn one alpha per head and layer in (1, 2).
+        scaling_options: keyword arguments of the scaling (e.g. beta_init).
+        backend: attention backend for :func:`sparsa.attention`.
+
+    The settings are stored in ``model.config.sparsa`` so that
+    :func:`from_pretrained` rebuilds the converted model.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"found no attention module in {type(model).__name__} that sparsa can drive")
+    if any(isinstance(getattr(m, "sparsa", None), SparsaControls) for m in modules):
+        raise ValueError("model is already converted by sparsify()")
+    _check_supported(config)
+    n_heads = _config_value(modules[0].config, "num_attention_heads")
+    d_model = _config_value(modules[0].config, "hidden_size")
+    settings = {
+        "alpha": _check_alpha(alpha),
+        "scaling": _check_scaling(scaling),
+        "heads": _check_heads(heads, n_heads),
+        "learn_alpha": bool(learn_alpha),
+        "scaling_options": dict(scaling_options or {}),
+        "backend": _check_backend(backend),
+    }
+    # All controls are built before any is attached: bad scaling_options leave the model as it was.
+    controls = [SparsaControls(d_model, n_heads, **settings) for _ in modules]
+    for module, control in zip(modules, controls, strict=True):
+        reference = next(module.parameters())
+        module.sparsa = control.to(reference.device, reference.dtype)
+        if settings["scaling"] is not None:
+            module.register_forward_pre_hook(_remember_input, with_kwargs=True)
+            module.register_forward_hook(_forget_input, with_kwargs=True)
+    setattr(config, CONFIG_KEY, settings)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(IMPLEMENTATION)
+    else:
+        config._attn_implementation = IMPLEMENTATION
+    return model
+
+
+def from_pretrained(path: str, model_class=None, **kwargs) -> nn.Module:
+    """Load a model saved after :func:`sparsify`, converted again with its learnt sparsa parameters.
+
+    ``model_class`` defaults to ``AutoModelForCausalLM``; ``kwargs`` go to its
+    ``from_pretrained`` (dtype, device_map, ...).
+    """
+    config = transformers.AutoConfig.from_pretrained(path)
+    settings = getattr(config, CONFIG_KEY, None)
+    if settings is None:
+        raise ValueError(f"{path} holds no sparsa settings: it was not saved after sparsify()")
+    model_class = model_class or transformers.AutoModelForCausalLM
+    kwargs.pop("attn_implementation", None)
+    with _quiet_loading():
+        model = model_class.from_pretrained(path, attn_implementation=IMPLEMENTATION, **kwargs)
+    sparsify(model, **settings)
+    expected = {name for name, _ in model.named_parameters() if f".{CONFIG_KEY}." in name}
+    saved = _saved_tensors(path, f".{CONFIG_KEY}.")
+    missing = expected - saved.keys()
+    if missing:
+        raise ValueError(f"{path} lacks sparsa parameters {sorted(missing)[:4]}...")
+    model.load_state_dict(saved, strict=False)
+    return model
+
+
+def _saved_tensors(path: str, marker: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index is None:
+        files = [cached_file(path, "model.safetensors")]
+    else:
+        with open(index) as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+        files = [cached_file(path, shard) for shard in shards]
+    tensors = {}
+    for file in files:
+        tensors.update({k: v for k, v in load_file(file).items() if marker in k})
+    return tensors
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence the 'unused weights' report: the sparsa parameters are loaded after conversion."""
+    logger = transformers.utils.logging
+    level = logger.get_verbosity()
+    logger.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logger.set_verbosity(level)
+
+
+def _check_supported(config) -> None:
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise ValueError(f"sparsa attention implements full attention only; this model has layers {other}")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            "sparsa attention does not implement soft-capped scores (attn_logit_softcapping is set)"
+        )
+
+
+def _config_value(config, name: str) -> int:
+    value = getattr(config, name, None)
+    if not isinstance(value, int):
+        raise ValueError(f"the model config has no integer {name}")
+    return value
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 1 <= alpha < float("inf"):
+        raise ValueError(f"alpha must be a finite number >= 1, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_scaling(scaling: str | None) -> str | None:
+    if scaling is not None and scaling not in SCALINGS:
+        raise ValueError(f"scaling must be None or one of {SCALINGS}, got {scaling!r}")
+    return scaling
+
+
+def _check_heads(heads: str | Sequence[int], n_heads: int) -> list[int]:
+    if heads == "all":
+        return list(range(n_heads))
+    if isinstance(heads, str) or not isinstance(heads, Sequence):
+        raise ValueError(f"heads must be 'all' or a sequence of head indices, got {heads!r}")
+    chosen = sorted(set(heads))
+    if not chosen or any(
+        isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n_heads for h in chosen
+    ):
+        raise ValueError(f"heads must be distinct indices in [0, {n_heads}), got {list(heads)}")
+    return chosen
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
+    return backend

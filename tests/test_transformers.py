@@ -1,0 +1,285 @@
+"""Hugging Face integration: converted tiny Llama and Qwen2 models against attention written out by hand."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
+from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+import sparsa  # noqa: E402
+from sparsa.integrations.transformers import (  # noqa: E402
+    attention_modules,
+    from_pretrained,
+    sparsa_attention,
+    sparsify,
+)
+
+VOCAB = 61
+HAND = "sparsa-by-hand"
+
+
+def _tiny(family: str, **overrides):
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        **overrides,
+    }
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    return model.eval()
+
+
+def _perturb_sparsa_parameters(model, size=0.5):
+    """Move the sparsa parameters off their near-identity start so the scaling formula matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".sparsa." in name:
+                p.add_(size * torch.randn_like(p))
+
+
+def _record_inputs(model):
+    """Each attention module's input, kept by hooks of the test's own."""
+    for module in attention_modules(model):
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs: setattr(m, "test_input", args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+
+
+def _scale_by_hand(module, visible):
+    """delta + beta (log(n+1))^gamma, s log(n+1) or the inverse temperature, per formula; (B, H, N)."""
+    controls, x = module.sparsa, module.test_input.double()
+    log_n = torch.log1p(visible.clamp(min=1).double())[:, None, :]
+    scaling, heads = controls.scaling, controls.scaled_heads
+    if scaling is None:
+        return None
+    if isinstance(scaling, sparsa.layers.ASEntmaxScale):
+        beta = F.softplus(x @ scaling.beta.weight.double().T + scaling.beta.bias.double()).transpose(1, 2)
+        gamma = 2 * torch.tanh(x @ scaling.gamma.weight.double().T + scaling.gamma.bias.double()).transpose(
+            1, 2
+        )
+        scaled = 1 + beta * log_n**gamma
+    elif isinstance(scaling, sparsa.layers.SSMaxScale):
+        scaled = scaling.s.double()[None, :, None] * log_n
+    else:
+        raise AssertionError(f"no formula for {type(scaling).__name__}")
+    full = torch.ones(x.shape[0], controls.n_heads, x.shape[1], dtype=torch.float64)
+    full[:, heads] = scaled.expand(x.shape[0], -1, -1)
+    return full
+
+
+def _attention_by_hand(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """alpha-entmax attention over the additive mask transformers' eager path builds, in fp64."""
+    q, k, v = query.double(), key.double(), value.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    n_q, n_k = q.shape[2], k.shape[2]
+    if attention_mask is None:
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)[None, None]
+    else:
+        allowed = attention_mask[..., :n_k] == 0
+    visible = allowed[:, 0].sum(-1).expand(q.shape[0], n_q)
+    scale = _scale_by_hand(module, visible)
+    if scale is not None:
+        q = q * scale[..., None]
+    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, -math.inf)
+    alpha = module.sparsa.alpha
+    alpha = alpha if isinstance(alpha, float) else alpha.double().view(1, -1, 1, 1)
+    weights = sparsa.entmax(scores, alpha, dim=-1).nan_to_num(0.0)
+    out = (weights @ v).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(HAND, _attention_by_hand)
+AttentionMaskInterface.register(HAND, eager_mask)
+
+
+def _use(model, implementation):
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def _left_padded_batch(batch=3, length=13):
+    ids = torch.randint(4, VOCAB, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[2, :2] = 0
+    return ids, mask
+
+
+def _real_rows(logits, mask):
+    return logits[mask.bool()]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("scaling", [None, "ssmax", "asentmax"])
+def test_converted_model_equals_attention_by_hand(family, alpha, scaling):
+    torch.manual_seed(0)
+    model = sparsify(_tiny(family), alpha, scaling=scaling, heads=[0, 2, 3] if scaling else "all")
+    _perturb_sparsa_parameters(model)
+    _record_inputs(model)
+    ids, mask = _left_padded_batch()
+    for attention_mask in (None, mask):
+        with torch.no_grad():
+            ours = _use(model, "sparsa")(ids, attention_mask=attention_mask).logits
+            by_hand = _use(model, HAND)(ids, attention_mask=attention_mask).logits
+        if attention_mask is not None:
+            ours, by_hand = _real_rows(ours, mask), _real_rows(by_hand, mask)
+        torch.testing.assert_close(ours, by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_learnt_alpha_equals_attention_by_hand_and_gets_gradients():
+    torch.manual_seed(1)
+    model = sparsify(_tiny("llama"), 1.5, scaling="asentmax", learn_alpha=True)
+    _perturb_sparsa_parameters(model)
+    _record_inputs(model)
+    ids, mask = _left_padded_batch()
+    ours = _use(model, "sparsa")(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        by_hand = _use(model, HAND)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(_real_rows(ours, mask), _real_rows(by_hand, mask), atol=1e-5, rtol=1e-5)
+    _real_rows(ours, mask).square().mean().backward()
+    for name, p in model.named_parameters():
+        if ".sparsa." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_alpha_one_without_scaling_equals_the_original_model(family):
+    torch.manual_seed(2)
+    model = _tiny(family)
+    ids, mask = _left_padded_batch()
+    with torch.no_grad():
+        original = [model(ids).logits, model(ids, attention_mask=mask).logits]
+        sparsify(model, 1.0)
+        converted = [model(ids).logits, model(ids, attention_mask=mask).logits]
+    torch.testing.assert_close(converted[0], original[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _real_rows(converted[1], mask), _real_rows(original[1], mask), atol=1e-5, rtol=1e-5
+    )
+
+
+def _greedy_by_full_forwards(model, ids, mask, steps):
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_with_the_cache_equals_greedy_full_forwards(family, padded):
+    torch.manual_seed(3)
+    model = sparsify(_tiny(family), 1.5, scaling="asentmax")
+    _perturb_sparsa_parameters(model)
+    ids, mask = _left_padded_batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    generated = model.generate(
+        ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    torch.testing.assert_close(generated, _greedy_by_full_forwards(model, ids, mask, 8))
+
+
+def test_training_steps_reduce_the_loss():
+    torch.manual_seed(4)
+    model = sparsify(_tiny("qwen2"), 1.5, scaling="asentmax", learn_alpha=True).train()
+    ids = torch.randint(4, VOCAB, (8, 24))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_attention_dropout_applies_in_training_only():
+    torch.manual_seed(5)
+    model = sparsify(_tiny("llama", attention_dropout=0.5), 1.5)
+    ids = torch.randint(4, VOCAB, (2, 12))
+    with torch.no_grad():
+        evaluated = [model(ids).logits for _ in range(2)]
+        model.train()
+        trained = [model(ids).logits for _ in range(2)]
+    torch.testing.assert_close(evaluated[0], evaluated[1])
+    assert not torch.allclose(trained[0], trained[1])
+
+
+def test_save_and_load_keeps_the_conversion(tmp_path):
+    torch.manual_seed(6)
+    model = sparsify(_tiny("llama"), 1.25, scaling="asentmax", heads=[1, 3], learn_alpha=True)
+    _perturb_sparsa_parameters(model)
+    ids, mask = _left_padded_batch()
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(str(tmp_path)).eval()
+    assert loaded.config.sparsa == model.config.sparsa
+    assert loaded.config._attn_implementation == "sparsa"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+    for (name, p), (loaded_name, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        assert name == loaded_name
+        torch.testing.assert_close(p, q)
+
+
+def test_loading_a_model_that_was_not_converted_says_so(tmp_path):
+    _tiny("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not saved after sparsify"):
+        from_pretrained(str(tmp_path))
+
+
+def test_errors_name_the_argument():
+    model = _tiny("llama")
+    with pytest.raises(ValueError, match="alpha"):
+        sparsify(model, 0.5)
+    with pytest.raises(ValueError, match="learn_alpha"):
+        sparsify(model, 2.0, learn_alpha=True)
+    with pytest.raises(ValueError, match="scaling"):
+        sparsify(model, scaling="focal")
+    with pytest.raises(ValueError, match="heads"):
+        sparsify(model, scaling="ssmax", heads=[4])
+    with pytest.raises(ValueError, match="backend"):
+        sparsify(model, backend="cuda")
+    with pytest.raises(ValueError, match="beta_init"):
+        sparsify(model, scaling="asentmax", scaling_options={"beta_init": -1.0})
+    assert not any(hasattr(m, "sparsa") for m in attention_modules(model))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        sparsify(torch.nn.Linear(2, 2))
+    sparsify(model)
+    with pytest.raises(ValueError, match="already converted"):
+        sparsify(model)
+
+
+def test_unconverted_modules_and_unsupported_options_raise():
+    model = _tiny("llama")
+    model.set_attn_implementation("sparsa")
+    with pytest.raises(ValueError, match="sparsify"):
+        model(torch.randint(4, VOCAB, (1, 5)))
+    sliding = _tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding_attention"):
+        sparsify(sliding)
+    module = attention_modules(sparsify(_tiny("llama")))[0]
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="sliding_window"):
+        sparsa_attention(module, q, q[:, :2], q[:, :2], None, sliding_window=2)
