@@ -197,6 +197,22 @@ def test_generate_with_the_cache_equals_greedy_full_forwards(family, padded):
     torch.testing.assert_close(generated, _greedy_by_full_forwards(model, ids, mask, 8))
 
 
+def test_static_cache_generates_what_the_dynamic_cache_does():
+    torch.manual_seed(7)
+    model = sparsify(_tiny("llama"), 1.5, scaling="ssmax")
+    _perturb_sparsa_parameters(model)
+    ids, mask = _left_padded_batch()
+    for attention_mask in (torch.ones_like(mask), mask):
+        options = {
+            "attention_mask": attention_mask,
+            "max_new_tokens": 6,
+            "do_sample": False,
+            "pad_token_id": 0,
+        }
+        dynamic = model.generate(ids, **options)
+        torch.testing.assert_close(model.generate(ids, cache_implementation="static", **options), dynamic)
+
+
 def test_training_steps_reduce_the_loss():
     torch.manual_seed(4)
     model = sparsify(_tiny("qwen2"), 1.5, scaling="asentmax", learn_alpha=True).train()

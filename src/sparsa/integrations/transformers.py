@@ -124,9 +124,11 @@ def sparsa_attention(
     query (B, H, Nq, D), key and value (B, Hkv, Nk, D) as the model passes
     them (grouped-query heads are not repeated); ``attention_mask`` is the
     4D mask transformers built (bool, True = attend, or additive float) or
-    None, in which case a causal module's queries are aligned to the end of
-    the keys (prefill after a cache, one-token decoding). Returns the output
-    as (B, Nq, H, D) and no weights.
+    None, which transformers passes for a causal module only when the causal
+    mask is all it needs: one query after the cache sees every key, and Nq
+    queries over Nk >= Nq keys (prefilling an empty static cache) are the
+    first Nq keys, as with torch SDPA's ``is_causal``. Returns the output as
+    (B, Nq, H, D) and no weights.
     """
     for option, what in UNSUPPORTED_CALL_OPTIONS.items():
         if kwargs.get(option) is not None:
@@ -142,6 +144,10 @@ def sparsa_attention(
     if attention_mask is not None:
         attention_mask = _fit_mask(attention_mask, n_k)
         causal = False
+    elif causal and 1 < n_q < n_k:
+        # transformers leaves out the mask here only when prefilling an empty static cache: the
+        # queries are the first keys and the rest are unwritten slots (torch SDPA's upper-left causal mask).
+        key, value, n_k = key[:, :, :n_q], value[:, :, :n_q], n_q
     scale = controls.query_scale(
         _visible_keys(attention_mask, causal, query.shape[0], n_q, n_k, query.device)
     )
