@@ -71,7 +71,7 @@ def test_per_head_learnt_alpha_gets_its_gradient():
     )
 
 
-@pytest.mark.parametrize("dim", [16, 64, 80])
+@pytest.mark.parametrize("dim", [16, 64, 80, 128, 256])
 def test_half_precision_and_head_dims(dim):
     q, k, v = _inputs(1, 2, 1, 45, 45, dim, torch.float16)
     _compare(q, k, v, torch.float16, alpha=1.5, is_causal=True)
