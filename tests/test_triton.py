@@ -93,6 +93,26 @@ def test_results_are_deterministic_and_stats_match_the_reference():
     torch.testing.assert_close(stats.tau, ref.tau, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_tiles_of_zero_weights_are_skipped_and_the_results_stay_exact(alpha):
+    """Each query points at one of the 16 keys before it (a local head): most key tiles hold no weight."""
+    torch.manual_seed(0)
+    n, dim = 200, 32
+    k = torch.randn(1, 2, n, dim, device=DEVICE)
+    targets = (torch.arange(n) - torch.randint(0, 16, (n,))).clamp(min=0)
+    q = (3 * k[:, :, targets] + 0.3 * torch.randn(1, 2, n, dim, device=DEVICE)).requires_grad_()
+    k.requires_grad_()
+    v = torch.randn(1, 2, n, dim, device=DEVICE, requires_grad=True)
+    padding = KeyPadding(torch.tensor([170], device=DEVICE), side="left")
+    options = {"alpha": alpha, "is_causal": True, "attn_mask": padding}
+    _compare(q, k, v, torch.float32, **options)
+    _, stats = sparsa.attention(q, k, v, backend="triton", return_stats=True, **options)
+    _, ref = sparsa.attention(q, k, v, backend="reference", return_stats=True, **options)
+    assert torch.equal(stats.support, ref.support)
+    # Skipping whole tiles above the diagonal alone would give 21 of 7 x 7 tiles, about 0.43 of the entries.
+    assert stats.skipped_fraction > 0.55
+
+
 def test_softmax_and_unsupported_inputs():
     q, k, v = _inputs(1, 2, 1, 20, 20, 16, torch.float32)
     torch.testing.assert_close(

@@ -9,6 +9,12 @@ when a step leaves it), then the output. It stores m and tau, from which the
 backward recomputes every weight, and U = sum g v / sum g with g = p^(2-alpha)
 (the entmax Jacobian is diag(g) - g g^T / sum g), plus, when alpha is learnt,
 W = sum p log p v and H = sum p log p for its gradient.
+
+Block sparsity: the first pass stores each (query tile, key tile)'s largest
+score. A tile whose largest score is at most min over the tile's rows of
+m + tau / (alpha - 1) holds only zero weights at that tau, so the Newton
+passes (at the current tau), the output pass and both backward kernels (at
+the final tau) skip it without loading its keys or values.
 """
 
 from __future__ import annotations
@@ -88,14 +94,21 @@ def _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _zero_cut(m, tau, inv, rows):
+    """The score at or below which every weight of the tile's rows is zero (+inf for no row)."""
+    return tl.min(tl.where(rows, m + tau * inv, float("inf")), 0)
+
+
+@triton.jit
 def _forward_kernel(
-    Q, K, V, Out, U, W, Stats, Alpha, Slopes, Lengths,
+    Q, K, V, Out, U, W, Stats, TileMax, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_q, n_k, group, scale, slope_stride, tolerance, max_passes,
+    n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n, tolerance, max_passes,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """TileMax (B * H, n_tiles_m, n_tiles_n) arrives filled with -inf: tiles no query sees stay so."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -113,6 +126,7 @@ def _forward_kernel(
     start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    tile_max = TileMax + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
@@ -120,7 +134,10 @@ def _forward_kernel(
         offs_n = first + offs_nb
         k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
         s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
-        m = tl.maximum(m, tl.max(s, 1))
+        s = tl.where(rows[:, None], s, float("-inf"))
+        row_max = tl.max(s, 1)
+        tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
+        m = tl.maximum(m, row_max)
         count += tl.sum((s > float("-inf")).to(tl.float32), 1)
     seen = count > 0
     m = tl.where(seen, m, 0.0)
@@ -134,13 +151,15 @@ def _forward_kernel(
     while (active > 0) & (passes < max_passes):
         total = tl.zeros([BLOCK_M], tl.float32)
         derivative = tl.zeros([BLOCK_M], tl.float32)
+        cut = _zero_cut(m, tau, inv, seen)
         for first in range(start, end, BLOCK_N):
-            offs_n = first + offs_nb
-            k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-            s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
-            d = (s - m[:, None]) * am1 - tau[:, None]
-            total += tl.sum(_power(d, inv), 1)
-            derivative += tl.sum(_power(d, inv - 1.0), 1)
+            if tl.load(tile_max + first // BLOCK_N) > cut:
+                offs_n = first + offs_nb
+                k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+                s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+                d = (s - m[:, None]) * am1 - tau[:, None]
+                total += tl.sum(_power(d, inv), 1)
+                derivative += tl.sum(_power(d, inv - 1.0), 1)
         f = total - 1.0
         done = (tl.abs(f) <= tolerance) | (~seen)
         lower = tl.where(f > 0, tau, lower)
@@ -158,13 +177,14 @@ def _forward_kernel(
     g_sum = tl.zeros([BLOCK_M], tl.float32)
     entropy = tl.zeros([BLOCK_M], tl.float32)
     support = tl.zeros([BLOCK_M], tl.float32)
+    tau = tl.where(seen, tau, float("inf"))
+    cut = _zero_cut(m, tau, inv, seen)
     for first in range(start, end, BLOCK_N):
-        offs_n = first + offs_nb
-        k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-        s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
-        d = (s - m[:, None]) * am1 - tau[:, None]
-        # Tiles where every weight is zero (the sparsity) cost no load of V and no product.
-        if tl.max(tl.max(d, 1), 0) > 0:
+        if tl.load(tile_max + first // BLOCK_N) > cut:
+            offs_n = first + offs_nb
+            k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+            s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            d = (s - m[:, None]) * am1 - tau[:, None]
             p = _power(d, inv)
             g = _power(d, (1.0 - am1) * inv)
             v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
@@ -189,7 +209,7 @@ def _forward_kernel(
         tl.store(W + aux_offsets, acc_w, mask=out_mask)
     stats = Stats + (row_base + offs_m) * 4
     tl.store(stats, m, mask=rows)
-    tl.store(stats + 1, tl.where(seen, tau, float("inf")), mask=rows)
+    tl.store(stats + 1, tau, mask=rows)
     tl.store(stats + 2, entropy, mask=rows)
     tl.store(stats + 3, support, mask=rows)
 
@@ -205,9 +225,9 @@ def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexp
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, DO, DQ, Stats, Delta, Alpha, Slopes, Lengths,
+    Q, K, V, DO, DQ, Stats, TileMax, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_q, n_k, group, scale, slope_stride,
+    n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -236,14 +256,17 @@ def _backward_query_kernel(
     start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    tile_max = TileMax + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
+    cut = _zero_cut(m, tau, inv, rows)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for first in range(start, end, BLOCK_N):
-        offs_n = first + offs_nb
-        k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-        s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
-        v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
-        _, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
-        dq += _dot(ds, k, PRECISION)
+        if tl.load(tile_max + first // BLOCK_N) > cut:
+            offs_n = first + offs_nb
+            k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+            s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
+            _, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
+            dq += _dot(ds, k, PRECISION)
     dq_mask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
     dq_ptrs = DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
@@ -251,9 +274,9 @@ def _backward_query_kernel(
 
 @triton.jit
 def _backward_key_kernel(
-    Q, K, V, DO, DK, DV, Stats, Delta, Alpha, Slopes, Lengths,
+    Q, K, V, DO, DK, DV, Stats, TileMax, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride,
+    n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -280,19 +303,22 @@ def _backward_key_kernel(
         h = hk * group + j
         am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
         row_base = (b * n_heads + h) * n_q
+        tile_max = TileMax + (b * n_heads + h) * n_tiles_m * n_tiles_n + pid_n
         for start_m in range(first_query, n_q, BLOCK_M):
             offs_m = start_m + offs_mb
             rows = offs_m < n_q
-            q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
-            do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
             stats = Stats + (row_base + offs_m) * 4
             m = tl.load(stats, mask=rows, other=0.0)
             tau = tl.load(stats + 1, mask=rows, other=float("inf"))
-            delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
-            s = _scores(q, k, offs_n, offs_m + offset, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
-            p, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
-            dv += _dot(tl.trans(p), do, PRECISION)
-            dk += _dot(tl.trans(ds), q, PRECISION)
+            if tl.load(tile_max + (start_m // BLOCK_M) * n_tiles_n) > _zero_cut(m, tau, inv, rows):
+                q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
+                do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
+                delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
+                q_pos = offs_m + offset
+                s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+                p, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
+                dv += _dot(tl.trans(p), do, PRECISION)
+                dk += _dot(tl.trans(ds), q, PRECISION)
     k_mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
     v_mask = (offs_n[:, None] < n_k) & (offs_dv[None, :] < VALUE_DIM)
     dk_ptrs = DK + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
