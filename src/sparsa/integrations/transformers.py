@@ -96,10 +96,8 @@ class SparsaControls(nn.Module):
     def alpha(self) -> float | Tensor:
         return self.fixed_alpha if self.alpha_logit is None else alpha_from_logit(self.alpha_logit)
 
-    def query_scale(self, visible_keys: Tensor) -> Tensor | None:
-        """Multipliers (B, H, Nq) of the queries for (B, Nq) visible keys; None without scaling."""
-        if self.scaling is None:
-            return None
+    def query_scale(self, visible_keys: Tensor) -> Tensor:
+        """Multipliers (B, H, Nq) of the queries for (B, Nq) visible keys; needs a scaling."""
         if self.input is None:
             raise RuntimeError(
                 "the attention module's input was not recorded; convert the model with sparsify()"
@@ -148,11 +146,9 @@ def sparsa_attention(
         # transformers leaves out the mask here only when prefilling an empty static cache: the
         # queries are the first keys and the rest are unwritten slots (torch SDPA's upper-left causal mask).
         key, value, n_k = key[:, :, :n_q], value[:, :, :n_q], n_q
-    scale = controls.query_scale(
-        _visible_keys(attention_mask, causal, query.shape[0], n_q, n_k, query.device)
-    )
-    if scale is not None:
-        query = query * scale[..., None].to(query.dtype)
+    if controls.scaling is not None:
+        visible = _visible_keys(attention_mask, causal, query.shape[0], n_q, n_k, query.device)
+        query = query * controls.query_scale(visible)[..., None].to(query.dtype)
     out = attention(
         query,
         key,
