@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton reads this when it is first imported, and other test modules import it
+# (transformers does), so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sparsa
 
