@@ -1,6 +1,9 @@
 """Hugging Face integration: converted tiny Llama and Qwen2 models against attention written out by hand."""
 
 import math
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +302,12 @@ def test_unconverted_modules_and_unsupported_options_raise():
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(ValueError, match="sliding_window"):
         sparsa_attention(module, q, q[:, :2], q[:, :2], None, sliding_window=2)
+
+
+def test_the_fine_tuning_example_runs(tmp_path, monkeypatch, capsys):
+    script = Path(__file__).resolve().parent.parent / "examples" / "finetune_transformers.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--steps", "2", "--out", str(tmp_path / "model")])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "step    1  loss" in printed and "exact match at 24 symbols" in printed
+    assert (tmp_path / "model" / "config.json").exists()
