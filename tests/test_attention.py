@@ -209,6 +209,35 @@ def test_dropout_drops_weights_as_torch_does(backend):
     assert not torch.allclose(out, sparsa.attention(q, k, v, alpha=1.5, is_causal=True))
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(("n_q", "n_k"), [(9, 9), (1, 9), (4, 9)])
+def test_a_causal_mask_over_padded_keys_becomes_key_padding(side, n_q, n_k):
+    lengths = torch.tensor([n_k, 0, 3, 7])
+    keys = torch.arange(n_k)
+    real = keys < lengths[:, None] if side == "right" else keys >= n_k - lengths[:, None]
+    causal = keys[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+    mask = (real[:, None, :] & causal[None])[:, None]
+    padding = KeyPadding.of_causal_mask(mask)
+    assert padding is not None and padding.side == side and torch.equal(padding.lengths, lengths)
+    q, k, v = make(4, 2, 1, n_q, n_k, 8)
+    torch.testing.assert_close(
+        sparsa.attention(q, k, v, is_causal=True, attn_mask=padding),
+        sparsa.attention(q, k, v, attn_mask=mask),
+    )
+
+
+def test_other_masks_do_not_become_key_padding():
+    causal = torch.ones(4, 9, dtype=torch.bool).tril()  # queries at the start of the keys (a static cache)
+    assert KeyPadding.of_causal_mask(causal[None, None]) is None
+    full = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    assert KeyPadding.of_causal_mask(full) is not None
+    holes = full.clone()
+    holes[..., 5, 2] = False
+    assert KeyPadding.of_causal_mask(holes) is None
+    assert KeyPadding.of_causal_mask(full.expand(1, 2, 9, 9)) is None
+    assert KeyPadding.of_causal_mask(torch.zeros(1, 1, 9, 9)) is None
+
+
 def test_bad_shapes_name_the_argument():
     q, k, v = make(2, 4, 2, 5, 6, 8)
     with pytest.raises(ValueError, match="heads of q"):

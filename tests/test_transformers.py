@@ -1,5 +1,6 @@
 """Hugging Face integration: converted tiny Llama and Qwen2 models against attention written out by hand."""
 
+import importlib
 import math
 import runpy
 import sys
@@ -15,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noq
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 import sparsa  # noqa: E402
+from sparsa.attention import KeyPadding  # noqa: E402
 from sparsa.integrations.transformers import (  # noqa: E402
     attention_modules,
     from_pretrained,
@@ -142,6 +144,27 @@ def test_converted_model_equals_attention_by_hand(family, alpha, scaling):
         if attention_mask is not None:
             ours, by_hand = _real_rows(ours, mask), _real_rows(by_hand, mask)
         torch.testing.assert_close(ours, by_hand, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_reach_attention_as_key_padding(side, monkeypatch):
+    """The fused kernels take no mask tensor: transformers' padded causal masks are passed as lengths."""
+    integration = importlib.import_module("sparsa.integrations.transformers")
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["attn_mask"])
+        return sparsa.attention(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "attention", spy)
+    model = sparsify(_tiny("llama"), 1.5)
+    ids, mask = _left_padded_batch()
+    if side == "right":
+        mask = mask.flip(-1)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert seen and all(isinstance(m, KeyPadding) and m.side == side for m in seen)
+    torch.testing.assert_close(seen[0].lengths, mask.sum(-1))
 
 
 def test_learnt_alpha_equals_attention_by_hand_and_gets_gradients():

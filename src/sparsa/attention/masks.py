@@ -37,6 +37,33 @@ class KeyPadding:
         if self.side not in ("left", "right"):
             raise ValueError(f"KeyPadding.side must be 'left' or 'right', got {self.side!r}")
 
+    @classmethod
+    def of_causal_mask(cls, mask: Tensor) -> KeyPadding | None:
+        """The padding that with ``is_causal=True`` masks exactly as ``mask`` does, or None if none does.
+
+        ``mask``: bool (B, 1, Nq, Nk), True = keep, Nq <= Nk. A causal mask
+        over left- or right-padded keys (what transformers builds for padded
+        batches) becomes lengths, which the fused kernels take and a mask
+        tensor they do not.
+        """
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
+            return None
+        batch, _, n_q, n_k = mask.shape
+        seen = mask[:, 0].any(1)
+        lengths = seen.sum(-1)
+        positions = torch.arange(n_k, device=mask.device)
+        if torch.equal(seen, positions < lengths[:, None]):
+            padding = cls(lengths, "right")
+        elif torch.equal(seen, positions >= n_k - lengths[:, None]):
+            padding = cls(lengths, "left")
+        else:
+            return None
+        bias = ScoreBias(
+            batch, 1, n_q, n_k, is_causal=True, attn_mask=padding, alibi_slopes=None, device=mask.device
+        )
+        kept = bias.apply_(torch.zeros(batch, 1, n_q, n_k, device=mask.device), 0, n_q) == 0
+        return padding if torch.equal(kept, mask) else None
+
 
 class ScoreBias:
     """Causal mask, ALiBi, an explicit mask and key padding for scores of shape (B, H, Nq, Nk)."""

@@ -30,7 +30,7 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-from ..attention import BACKENDS, attention
+from ..attention import BACKENDS, KeyPadding, attention
 from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
 from ..normalize._validate import compute_dtype
 
@@ -121,9 +121,11 @@ def sparsa_attention(
 
     query (B, H, Nq, D), key and value (B, Hkv, Nk, D) as the model passes
     them (grouped-query heads are not repeated); ``attention_mask`` is the
-    4D mask transformers built (bool, True = attend, or additive float) or
-    None, which transformers passes for a causal module only when the causal
-    mask is all it needs: one query after the cache sees every key, and Nq
+    4D mask transformers built (bool, True = attend, or additive float; a
+    causal mask over left- or right-padded keys is passed on as
+    :class:`KeyPadding`, which the fused kernels take) or None, which
+    transformers passes for a causal module only when the causal mask is all
+    it needs: one query after the cache sees every key, and Nq
     queries over Nk >= Nq keys (prefilling an empty static cache) are the
     first Nq keys, as with torch SDPA's ``is_causal``. Returns the output as
     (B, Nq, H, D) and no weights.
@@ -141,7 +143,6 @@ def sparsa_attention(
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     if attention_mask is not None:
         attention_mask = _fit_mask(attention_mask, n_k)
-        causal = False
     elif causal and 1 < n_q < n_k:
         # transformers leaves out the mask here only when prefilling an empty static cache: the
         # queries are the first keys and the rest are unwritten slots (torch SDPA's upper-left causal mask).
@@ -149,6 +150,9 @@ def sparsa_attention(
     if controls.scaling is not None:
         visible = _visible_keys(attention_mask, causal, query.shape[0], n_q, n_k, query.device)
         query = query * controls.query_scale(visible)[..., None].to(query.dtype)
+    if attention_mask is not None:
+        padding = KeyPadding.of_causal_mask(attention_mask)
+        attention_mask, causal = (attention_mask, False) if padding is None else (padding, True)
     out = attention(
         query,
         key,
