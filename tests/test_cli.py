@@ -59,6 +59,18 @@ def test_attention_benchmark_inputs_and_table():
     assert "| 128 | trained | sparsa | 0.500 | 2.00x |  | 1.000 | 1.50x |  | 12 | 0.50 | 2.0 |" in table
 
 
+def test_gpu_benchmark_table():
+    from sparsa.benchmarks import gpu
+
+    row = {"batch": 1, "heads": 16, "dim": 64, "length": 4096, "trained_like": True,
+           "sdpa_fwd_ms": 0.5, "sdpa_fwd_bwd_ms": 2.0, "sparsa_fwd_ms": 1.0, "sparsa_fwd_bwd_ms": 3.0,
+           "adasplash_fwd_ms": None, "adasplash_fwd_bwd_ms": 6.0,
+           "mean_support": 1.5, "skipped_fraction": 0.75, "mean_threshold_passes": 0.5}  # fmt: skip
+    table = gpu.table([row])
+    assert "| 1 | 64 | 4096 | trained-like | 1.00 | 2.00x | n/a | 3.00 | 1.50x | 0.50x |" in table
+    assert "| 1.5 | 0.75 | 0.5 |" in table
+
+
 def test_bench_attention_command_is_registered(capsys):
     try:
         main(["bench", "attention", "--help"])

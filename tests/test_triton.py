@@ -109,6 +109,37 @@ def test_tiles_of_zero_weights_are_skipped_and_the_results_stay_exact(alpha):
     assert stats.skipped_fraction > 0.55
 
 
+def _check_threshold_passes(q, k, v, alpha, most_passes):
+    out, stats = sparsa.attention(q, k, v, alpha=alpha, is_causal=True, backend="triton", return_stats=True)
+    ref, ref_stats = sparsa.attention(
+        q, k, v, alpha=alpha, is_causal=True, backend="reference", return_stats=True
+    )
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(stats.tau, ref_stats.tau, atol=2e-6, rtol=1e-6)
+    assert stats.threshold_passes.shape == (*q.shape[:2], 8)
+    assert int(stats.threshold_passes.max()) <= most_passes
+
+
+@pytest.mark.parametrize(("alpha", "most_passes"), [(1.5, 4), (1.75, 5)])
+def test_gaussian_rows_find_tau_in_few_passes(alpha, most_passes):
+    """Newton from tau = -1 alone takes 7 passes on these rows; the level bound and, for alpha <= 1.5,
+    the stop on Newton's error bound cut that to 4-5 (the first pass included)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 256, 64, device=DEVICE) for _ in range(3))
+    _check_threshold_passes(q, k, v, alpha, most_passes)
+
+
+@pytest.mark.parametrize("alpha", [1.25, 2.0])
+def test_rows_with_one_dominant_key_need_no_threshold_pass(alpha):
+    """Each query is close to one earlier key and far from the rest: tau = -1 follows from the two largest
+    scores of the first pass, so the forward reads the keys twice (maximum, output)."""
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 256, 64, device=DEVICE)
+    targets = torch.minimum(torch.randint(0, 256, (256,)), torch.arange(256))
+    q = 3 * k[:, :, targets] + 0.5 * torch.randn(1, 2, 256, 64, device=DEVICE)
+    _check_threshold_passes(q, k, torch.randn_like(k), alpha, 0)
+
+
 def test_softmax_and_unsupported_inputs():
     q, k, v = _inputs(1, 2, 1, 20, 20, 16, torch.float32)
     torch.testing.assert_close(

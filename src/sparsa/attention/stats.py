@@ -14,11 +14,14 @@ class AttentionStats:
     (the log-partition for softmax rows; +inf for rows with no visible key);
     support (B, H, Nq): the number of keys with nonzero weight;
     skipped_fraction: the share of the (Nq, Nk) score entries that the passes after the first
-    (weights @ V and the whole backward) skip, being masked by causality or proven zero."""
+    (weights @ V and the whole backward) skip, being masked by causality or proven zero;
+    threshold_passes (B, H, query tiles): for the Triton backend, the passes over the keys that
+    each tile of queries made to find tau (None for the other backends)."""
 
     tau: Tensor
     support: Tensor
     skipped_fraction: float
+    threshold_passes: Tensor | None = None
 
 
 def thresholds_of(scores: Tensor, weights: Tensor, alpha: float | Tensor) -> Tensor:

@@ -113,6 +113,7 @@ def run(lengths: list[int], batches: list[int], dims: list[int], heads: int) -> 
                     _, stats = sparsa.attention(q, k, v, is_causal=True, backend="triton", return_stats=True)
                     row["mean_support"] = float(stats.support.float().mean())
                     row["skipped_fraction"] = stats.skipped_fraction
+                    row["mean_threshold_passes"] = float(stats.threshold_passes.float().mean())
                     rows.append(row)
                     print(row, flush=True)
     return rows
@@ -120,7 +121,7 @@ def run(lengths: list[int], batches: list[int], dims: list[int], heads: int) -> 
 
 def table(rows: list[dict]) -> str:
     headers = ["B", "D", "N", "scores", "fwd ms", "fwd vs SDPA", "fwd vs adasplash", "fwd+bwd ms",
-               "fwd+bwd vs SDPA", "fwd+bwd vs adasplash", "support", "skipped"]  # fmt: skip
+               "fwd+bwd vs SDPA", "fwd+bwd vs adasplash", "support", "skipped", "Newton passes"]  # fmt: skip
     body = []
     for r in rows:
 
@@ -132,7 +133,8 @@ def table(rows: list[dict]) -> str:
         body.append([str(r["batch"]), str(r["dim"]), str(r["length"]), scores,
                      f"{r['sparsa_fwd_ms']:.2f}", over("sdpa", "fwd"), over("adasplash", "fwd"),
                      f"{r['sparsa_fwd_bwd_ms']:.2f}", over("sdpa", "fwd_bwd"), over("adasplash", "fwd_bwd"),
-                     f"{r['mean_support']:.1f}", f"{r['skipped_fraction']:.2f}"])  # fmt: skip
+                     f"{r['mean_support']:.1f}", f"{r['skipped_fraction']:.2f}",
+                     f"{r['mean_threshold_passes']:.1f}"])  # fmt: skip
     return markdown(headers, set(headers[:3] + headers[4:]), body)
 
 

@@ -70,15 +70,17 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     tile_max = torch.full(
         (launch.batch * launch.heads, *launch.tiles), float("-inf"), device=q.device, dtype=torch.float32
     )
+    passes = torch.empty(launch.batch * launch.heads, launch.tiles[0], device=q.device, dtype=torch.int32)
     grid = (launch.tiles[0], launch.batch * launch.heads)
     kernels._forward_kernel[grid](
-        q, k, v, out, u, w, stats, tile_max, launch.alpha, launch.slopes, launch.lengths,
+        q, k, v, out, u, w, stats, tile_max, passes, launch.alpha, launch.slopes, launch.lengths,
         *launch.strides(q, k, v, out),
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride,
         *launch.tiles, kernels.NEWTON_TOLERANCE, kernels.MAX_PASSES,
-        ALPHA_GRAD=alpha_grad, **launch.constants,
+        ALPHA_GRAD=alpha_grad, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS,
+        **launch.constants,
     )  # fmt: skip
-    return out, u, (w if alpha_grad else None), stats, tile_max
+    return out, u, (w if alpha_grad else None), stats, tile_max, passes
 
 
 def backward(launch: _Launch, q, k, v, d_out, stats, tile_max, delta):
@@ -108,15 +110,15 @@ class TritonAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         alpha_grad = alpha.requires_grad
         launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale)
-        out, u, w, stats, tile_max = forward(launch, q, k, v, alpha_grad)
+        out, u, w, stats, tile_max, passes = forward(launch, q, k, v, alpha_grad)
         ctx.launch = launch
         ctx.save_for_backward(q, k, v, out, u, w if w is not None else u, stats, tile_max)
         ctx.alpha_grad = alpha_grad
-        ctx.mark_non_differentiable(stats, tile_max)
-        return out, stats, tile_max
+        ctx.mark_non_differentiable(stats, tile_max, passes)
+        return out, stats, tile_max, passes
 
     @staticmethod
-    def backward(ctx, d_out, _, __):
+    def backward(ctx, d_out, *_):
         q, k, v, out, u, w, stats, tile_max = ctx.saved_tensors
         d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
         d_work = d_out.float()
@@ -137,7 +139,7 @@ def triton_attention(
     """alpha-entmax attention in fused Triton kernels; alpha in (1, 2], float or (H,)."""
     heads = q.shape[1]
     alpha_tensor = alpha if isinstance(alpha, Tensor) else torch.full((heads,), alpha, device=q.device)
-    out, row_stats, tile_max = TritonAttention.apply(q, k, v, alpha_tensor, bias, scale)
+    out, row_stats, tile_max, passes = TritonAttention.apply(q, k, v, alpha_tensor, bias, scale)
     if not stats:
         return out, None
     am1 = (alpha_tensor.detach().float() - 1).view(1, heads, 1)
@@ -146,6 +148,7 @@ def triton_attention(
         tau=tau,
         support=row_stats[..., 3].long(),
         skipped_fraction=_skipped_fraction(tile_max, row_stats, am1, q.shape[2], k.shape[2]),
+        threshold_passes=passes.view(q.shape[0], heads, -1),
     )
 
 
