@@ -67,36 +67,36 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     u = torch.empty(aux_shape, device=q.device, dtype=torch.float32)
     w = torch.empty(aux_shape, device=q.device, dtype=torch.float32) if alpha_grad else u
     stats = torch.empty(launch.batch, launch.heads, launch.n_q, 4, device=q.device, dtype=torch.float32)
-    tile_max = torch.full(
-        (launch.batch * launch.heads, *launch.tiles), float("-inf"), device=q.device, dtype=torch.float32
-    )
+    tile_shape = (launch.batch * launch.heads, *launch.tiles)
+    tile_max = torch.full(tile_shape, float("-inf"), device=q.device, dtype=torch.float32)
+    live = torch.zeros(tile_shape, device=q.device, dtype=torch.int8)
     passes = torch.empty(launch.batch * launch.heads, launch.tiles[0], device=q.device, dtype=torch.int32)
     grid = (launch.tiles[0], launch.batch * launch.heads)
     kernels._forward_kernel[grid](
-        q, k, v, out, u, w, stats, tile_max, passes, launch.alpha, launch.slopes, launch.lengths,
+        q, k, v, out, u, w, stats, tile_max, live, passes, launch.alpha, launch.slopes, launch.lengths,
         *launch.strides(q, k, v, out),
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride,
         *launch.tiles, kernels.NEWTON_TOLERANCE, kernels.MAX_PASSES,
         ALPHA_GRAD=alpha_grad, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS,
         **launch.constants,
     )  # fmt: skip
-    return out, u, (w if alpha_grad else None), stats, tile_max, passes
+    return out, u, (w if alpha_grad else None), stats, live, passes
 
 
-def backward(launch: _Launch, q, k, v, d_out, stats, tile_max, delta):
+def backward(launch: _Launch, q, k, v, d_out, stats, live, delta):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     strides = launch.strides(q, k, v, d_out)
     grid = (launch.tiles[0], launch.batch * launch.heads)
     kernels._backward_query_kernel[grid](
-        q, k, v, d_out, dq, stats, tile_max, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
+        q, k, v, d_out, dq, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, *launch.tiles,
         **launch.constants,
     )  # fmt: skip
     grid = (launch.tiles[1], launch.batch * launch.kv_heads)
     kernels._backward_key_kernel[grid](
-        q, k, v, d_out, dk, dv, stats, tile_max, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
+        q, k, v, d_out, dk, dv, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
         launch.heads, launch.kv_heads, launch.n_q, launch.n_k, launch.group, launch.scale,
         launch.slope_stride, *launch.tiles,
         **launch.constants,
@@ -110,20 +110,20 @@ class TritonAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         alpha_grad = alpha.requires_grad
         launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale)
-        out, u, w, stats, tile_max, passes = forward(launch, q, k, v, alpha_grad)
+        out, u, w, stats, live, passes = forward(launch, q, k, v, alpha_grad)
         ctx.launch = launch
-        ctx.save_for_backward(q, k, v, out, u, w if w is not None else u, stats, tile_max)
+        ctx.save_for_backward(q, k, v, out, u, w if w is not None else u, stats, live)
         ctx.alpha_grad = alpha_grad
-        ctx.mark_non_differentiable(stats, tile_max, passes)
-        return out, stats, tile_max, passes
+        ctx.mark_non_differentiable(stats, live, passes)
+        return out, stats, live, passes
 
     @staticmethod
     def backward(ctx, d_out, *_):
-        q, k, v, out, u, w, stats, tile_max = ctx.saved_tensors
+        q, k, v, out, u, w, stats, live = ctx.saved_tensors
         d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
         d_work = d_out.float()
         delta = (d_work * u).sum(-1).contiguous()
-        dq, dk, dv = backward(ctx.launch, q, k, v, d_out, stats, tile_max, delta)
+        dq, dk, dv = backward(ctx.launch, q, k, v, d_out, stats, live, delta)
         d_alpha = None
         if ctx.alpha_grad:
             am1 = (ctx.launch.alpha - 1).view(1, -1, 1)
@@ -139,7 +139,7 @@ def triton_attention(
     """alpha-entmax attention in fused Triton kernels; alpha in (1, 2], float or (H,)."""
     heads = q.shape[1]
     alpha_tensor = alpha if isinstance(alpha, Tensor) else torch.full((heads,), alpha, device=q.device)
-    out, row_stats, tile_max, passes = TritonAttention.apply(q, k, v, alpha_tensor, bias, scale)
+    out, row_stats, live, passes = TritonAttention.apply(q, k, v, alpha_tensor, bias, scale)
     if not stats:
         return out, None
     am1 = (alpha_tensor.detach().float() - 1).view(1, heads, 1)
@@ -147,21 +147,14 @@ def triton_attention(
     return out, AttentionStats(
         tau=tau,
         support=row_stats[..., 3].long(),
-        skipped_fraction=_skipped_fraction(tile_max, row_stats, am1, q.shape[2], k.shape[2]),
+        skipped_fraction=_skipped_fraction(live, q.shape[2], k.shape[2]),
         threshold_passes=passes.view(q.shape[0], heads, -1),
     )
 
 
-def _skipped_fraction(tile_max: Tensor, row_stats: Tensor, am1: Tensor, n_q: int, n_k: int) -> float:
+def _skipped_fraction(live: Tensor, n_q: int, n_k: int) -> float:
     """Share of the (Nq, Nk) entries in tiles that the output pass and the backward skip."""
-    m, tau = row_stats[..., 0], row_stats[..., 1]
-    rows = (m + tau / am1).flatten(0, 1)
-    pad = -rows.shape[1] % BLOCK_M
-    cut = (
-        torch.nn.functional.pad(rows, (0, pad), value=float("inf")).view(rows.shape[0], -1, BLOCK_M).amin(-1)
-    )
-    kept = (tile_max > cut[..., None]).float()
-    rows_per_tile = (n_q - torch.arange(0, n_q, BLOCK_M, device=kept.device)).clamp(max=BLOCK_M).float()
-    keys_per_tile = (n_k - torch.arange(0, n_k, BLOCK_N, device=kept.device)).clamp(max=BLOCK_N).float()
-    kept_entries = torch.einsum("bij,i,j->", kept, rows_per_tile, keys_per_tile)
-    return 1.0 - float(kept_entries) / (tile_max.shape[0] * n_q * n_k)
+    rows_per_tile = (n_q - torch.arange(0, n_q, BLOCK_M, device=live.device)).clamp(max=BLOCK_M).float()
+    keys_per_tile = (n_k - torch.arange(0, n_k, BLOCK_N, device=live.device)).clamp(max=BLOCK_N).float()
+    kept_entries = torch.einsum("bij,i,j->", live.float(), rows_per_tile, keys_per_tile)
+    return 1.0 - float(kept_entries) / (live.shape[0] * n_q * n_k)

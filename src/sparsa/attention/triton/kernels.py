@@ -26,8 +26,10 @@ Gaussian rows then take 4-5 Newton passes instead of 7-12 (alpha 1.25 to 2).
 Block sparsity: the first pass stores each (query tile, key tile)'s largest
 score. A tile whose largest score is at most min over the tile's rows of
 m + tau / (alpha - 1) holds only zero weights at that tau, so the Newton
-passes (at the current tau), the output pass and both backward kernels (at
-the final tau) skip it without loading its keys or values.
+passes (at the current tau) and the output pass skip it without loading its
+keys or values. The output pass marks the tiles it kept in one byte each,
+which is all the backward keeps of this (4x less than the maxima), and both
+backward kernels skip the unmarked ones.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def _newton_update(tau, lower, upper, finished, total, slope_sum, curvature, bou
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Out, U, W, Stats, TileMax, Passes, Alpha, Slopes, Lengths,
+    Q, K, V, Out, U, W, Stats, TileMax, Live, Passes, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n, tolerance, max_passes,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -211,8 +213,9 @@ def _forward_kernel(
     PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr, LEVELS: tl.constexpr,
     BOUND_ITERATIONS: tl.constexpr,
 ):  # fmt: skip
-    """TileMax (B * H, n_tiles_m, n_tiles_n) arrives filled with -inf: tiles no query sees stay so;
-    Passes (B * H, n_tiles_m) receives the number of Newton passes of each query tile."""
+    """TileMax (B * H, n_tiles_m, n_tiles_n) arrives filled with -inf (tiles no query sees stay so)
+    and Live, int8 of the same shape, with zeros: the output pass sets the tiles with a nonzero
+    weight to 1 for the backward. Passes (B * H, n_tiles_m) receives each query tile's Newton passes."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -292,8 +295,10 @@ def _forward_kernel(
     support = tl.zeros([BLOCK_M], tl.float32)
     tau = tl.where(seen, tau, float("inf"))
     cut = _zero_cut(m, tau, inv, seen)
+    live = Live + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
     for first in range(start, end, BLOCK_N):
         if tl.load(tile_max + first // BLOCK_N) > cut:
+            tl.store(live + first // BLOCK_N, 1)
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
             s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
@@ -335,7 +340,7 @@ def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexp
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, DO, DQ, Stats, TileMax, Delta, Alpha, Slopes, Lengths,
+    Q, K, V, DO, DQ, Stats, Live, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -366,11 +371,10 @@ def _backward_query_kernel(
     start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    tile_max = TileMax + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
-    cut = _zero_cut(m, tau, inv, rows)
+    live = Live + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for first in range(start, end, BLOCK_N):
-        if tl.load(tile_max + first // BLOCK_N) > cut:
+        if tl.load(live + first // BLOCK_N) != 0:
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
             s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
@@ -384,7 +388,7 @@ def _backward_query_kernel(
 
 @triton.jit
 def _backward_key_kernel(
-    Q, K, V, DO, DK, DV, Stats, TileMax, Delta, Alpha, Slopes, Lengths,
+    Q, K, V, DO, DK, DV, Stats, Live, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -413,14 +417,14 @@ def _backward_key_kernel(
         h = hk * group + j
         am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
         row_base = (b * n_heads + h) * n_q
-        tile_max = TileMax + (b * n_heads + h) * n_tiles_m * n_tiles_n + pid_n
+        live = Live + (b * n_heads + h) * n_tiles_m * n_tiles_n + pid_n
         for start_m in range(first_query, n_q, BLOCK_M):
-            offs_m = start_m + offs_mb
-            rows = offs_m < n_q
-            stats = Stats + (row_base + offs_m) * 4
-            m = tl.load(stats, mask=rows, other=0.0)
-            tau = tl.load(stats + 1, mask=rows, other=float("inf"))
-            if tl.load(tile_max + (start_m // BLOCK_M) * n_tiles_n) > _zero_cut(m, tau, inv, rows):
+            if tl.load(live + (start_m // BLOCK_M) * n_tiles_n) != 0:
+                offs_m = start_m + offs_mb
+                rows = offs_m < n_q
+                stats = Stats + (row_base + offs_m) * 4
+                m = tl.load(stats, mask=rows, other=0.0)
+                tau = tl.load(stats + 1, mask=rows, other=float("inf"))
                 q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
                 do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
                 delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
