@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import sparsa
@@ -62,13 +63,36 @@ def test_attention_benchmark_inputs_and_table():
 def test_gpu_benchmark_table():
     from sparsa.benchmarks import gpu
 
-    row = {"batch": 1, "heads": 16, "dim": 64, "length": 4096, "trained_like": True,
+    row = {"batch": 1, "heads": 16, "dim": 64, "length": 4096, "trained_like": True, "tiles": "64x32x8",
            "sdpa_fwd_ms": 0.5, "sdpa_fwd_bwd_ms": 2.0, "sparsa_fwd_ms": 1.0, "sparsa_fwd_bwd_ms": 3.0,
            "adasplash_fwd_ms": None, "adasplash_fwd_bwd_ms": 6.0,
            "mean_support": 1.5, "skipped_fraction": 0.75, "mean_threshold_passes": 0.5}  # fmt: skip
     table = gpu.table([row])
-    assert "| 1 | 64 | 4096 | trained-like | 1.00 | 2.00x | n/a | 3.00 | 1.50x | 0.50x |" in table
+    assert "| 1 | 64 | 4096 | trained-like | 64x32x8 | 1.00 | 2.00x | n/a | 3.00 | 1.50x | 0.50x |" in table
     assert "| 1.5 | 0.75 | 0.5 |" in table
+
+
+def test_gpu_benchmark_runs_through_on_cpu(monkeypatch):
+    """The benchmark's loop, with Triton's interpreter for the GPU and one call for the timer."""
+    pytest.importorskip("triton")
+    from sparsa.attention.triton import TileSizes
+    from sparsa.benchmarks import gpu
+
+    def one_call(fn, backward):
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+        return 1.0
+
+    monkeypatch.setattr(gpu, "_time", one_call)
+    sizes = [TileSizes(), TileSizes(16, 64, 2)]
+    rows = gpu.run([40], [1], [16], 2, sizes, device="cpu")
+    assert [(r["trained_like"], r["tiles"]) for r in rows] == [
+        (True, "32x32x4"), (True, "16x64x2"), (False, "32x32x4"), (False, "16x64x2")
+    ]  # fmt: skip
+    assert all(r["sdpa_fwd_bwd_ms"] == r["sparsa_fwd_bwd_ms"] == 1.0 for r in rows)
+    assert all(r["mean_threshold_passes"] == 0 for r in rows if r["trained_like"])
+    assert "| 1 | 16 | 40 | gaussian | 16x64x2 |" in gpu.table(rows)
 
 
 def test_bench_attention_command_is_registered(capsys):

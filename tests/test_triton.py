@@ -7,6 +7,8 @@ pytest.importorskip("triton")  # on CPU it runs in the interpreter, which confte
 
 import sparsa
 from sparsa.attention import KeyPadding
+from sparsa.attention.masks import ScoreBias
+from sparsa.attention.triton import TileSizes, triton_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -140,6 +142,38 @@ def test_rows_with_one_dominant_key_need_no_threshold_pass(alpha):
     targets = torch.minimum(torch.randint(0, 256, (256,)), torch.arange(256))
     q = 3 * k[:, :, targets] + 0.5 * torch.randn(1, 2, 256, 64, device=DEVICE)
     _check_threshold_passes(q, k, torch.randn_like(k), alpha, 0)
+
+
+@pytest.mark.parametrize("sizes", ["16x64x2", "64x16x4", "64x64x8"])
+def test_other_tile_sizes_give_the_same_results(sizes):
+    """The kernels are generic in their tile sizes, which the GPU benchmark sweeps."""
+    torch.manual_seed(0)
+    q, k, v = _inputs(2, 4, 2, 70, 100, 32, torch.float32)
+    padding = KeyPadding(torch.tensor([100, 41], device=DEVICE), side="left")
+    slopes = torch.tensor([0.5, 0.25, 0.0, 1.0], device=DEVICE)
+    bias = ScoreBias(2, 4, 70, 100, is_causal=True, attn_mask=padding, alibi_slopes=slopes, device=DEVICE)
+    alpha = torch.tensor([1.25, 1.5, 1.75, 2.0], device=DEVICE, requires_grad=True)
+    out, stats = triton_attention(q, k, v, alpha, bias, 32**-0.5, True, TileSizes.parse(sizes))
+    options = {"alpha": alpha, "is_causal": True, "attn_mask": padding, "alibi_slopes": slopes}
+    ref, ref_stats = sparsa.attention(q, k, v, backend="reference", return_stats=True, **options)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert torch.equal(stats.support, ref_stats.support)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v, alpha), grad)
+    expected = torch.autograd.grad(ref, (q, k, v, alpha), grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert stats.threshold_passes.shape == (2, 4, -(-70 // TileSizes.parse(sizes).block_m))
+
+
+def test_tile_sizes_are_checked():
+    assert str(TileSizes.parse("64x32x8")) == "64x32x8"
+    with pytest.raises(ValueError, match="block_m must be a power of two of at least 16"):
+        TileSizes(block_m=48)
+    with pytest.raises(ValueError, match="num_warps"):
+        TileSizes(num_warps=3)
+    with pytest.raises(ValueError, match="BLOCK_MxBLOCK_NxWARPS"):
+        TileSizes.parse("64x32")
 
 
 def test_softmax_and_unsupported_inputs():

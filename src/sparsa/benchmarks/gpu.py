@@ -18,16 +18,16 @@ import torch
 from .timing import markdown, ratio
 
 
-def _inputs(batch, heads, n, dim, dtype, trained_like, seed=0):
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(batch, heads, n, dim, device="cuda", generator=generator)
-    k = torch.randn(batch, heads, n, dim, device="cuda", generator=generator)
+def _inputs(batch, heads, n, dim, dtype, trained_like, seed=0, device="cuda"):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, heads, n, dim, device=device, generator=generator)
+    k = torch.randn(batch, heads, n, dim, device=device, generator=generator)
     if trained_like:
         # Each query is a noisy copy of one earlier key: a few keys dominate its row.
-        source = torch.randint(0, n, (n,), device="cuda", generator=generator)
-        source = torch.minimum(source, torch.arange(n, device="cuda"))
+        source = torch.randint(0, n, (n,), device=device, generator=generator)
+        source = torch.minimum(source, torch.arange(n, device=device))
         q = 3.0 * k[:, :, source] + 0.5 * q
-    v = torch.randn(batch, heads, n, dim, device="cuda", generator=generator)
+    v = torch.randn(batch, heads, n, dim, device=device, generator=generator)
     return [x.to(dtype).requires_grad_() for x in (q, k, v)]
 
 
@@ -68,10 +68,37 @@ def check_correctness(lengths: list[int]) -> list[dict]:
     return rows
 
 
-def run(lengths: list[int], batches: list[int], dims: list[int], heads: int) -> list[dict]:
-    import torch.nn.functional as F
+def _sparsa(q, k, v, sizes, stats=False):
+    from ..attention.masks import ScoreBias
+    from ..attention.triton import triton_attention
 
-    import sparsa
+    batch, heads, n, dim = q.shape
+    bias = ScoreBias(batch, heads, n, n, is_causal=True, attn_mask=None, alibi_slopes=None, device=q.device)
+    out, row_stats = triton_attention(q, k, v, 1.5, bias, dim**-0.5, stats, sizes)
+    return (out, row_stats) if stats else out
+
+
+def _time_all(contenders: dict, row: dict) -> None:
+    for name, fn in contenders.items():
+        for backward in (False, True):
+            key = f"{name}_{'fwd_bwd' if backward else 'fwd'}_ms"
+            try:
+                row[key] = _time(fn, backward)
+            except Exception as error:  # a contender that fails a shape is reported, not fatal
+                row[key] = None
+                print(f"{name} failed at {row}: {type(error).__name__}: {error}", flush=True)
+
+
+def run(
+    lengths: list[int],
+    batches: list[int],
+    dims: list[int],
+    heads: int,
+    tile_sizes: list,
+    device: str = "cuda",
+) -> list[dict]:
+    """One row per input and tile sizes; SDPA and adasplash are timed once per input."""
+    import torch.nn.functional as F
 
     try:
         from adasplash import adasplash
@@ -82,45 +109,30 @@ def run(lengths: list[int], batches: list[int], dims: list[int], heads: int) -> 
         for batch in batches:
             for n in lengths:
                 for trained_like in (True, False):
-                    q, k, v = _inputs(batch, heads, n, dim, torch.bfloat16, trained_like)
-                    contenders = {
-                        "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                        "sparsa": lambda q=q, k=k, v=v: sparsa.attention(
-                            q, k, v, is_causal=True, backend="triton"
-                        ),
+                    q, k, v = _inputs(batch, heads, n, dim, torch.bfloat16, trained_like, device=device)
+                    baselines = {
+                        "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
                     }
                     if adasplash is not None:
-                        contenders["adasplash"] = lambda q=q, k=k, v=v: adasplash(
+                        baselines["adasplash"] = lambda q=q, k=k, v=v: adasplash(
                             q, k, v, alpha=1.5, is_causal=True
                         )
-                    row = {
-                        "batch": batch,
-                        "heads": heads,
-                        "dim": dim,
-                        "length": n,
-                        "trained_like": trained_like,
-                    }
-                    for name, fn in contenders.items():
-                        for backward in (False, True):
-                            key = f"{name}_{'fwd_bwd' if backward else 'fwd'}_ms"
-                            try:
-                                row[key] = _time(fn, backward)
-                            except (
-                                Exception
-                            ) as error:  # a contender that fails a shape is reported, not fatal
-                                row[key] = None
-                                print(f"{name} failed at {row}: {type(error).__name__}: {error}", flush=True)
-                    _, stats = sparsa.attention(q, k, v, is_causal=True, backend="triton", return_stats=True)
-                    row["mean_support"] = float(stats.support.float().mean())
-                    row["skipped_fraction"] = stats.skipped_fraction
-                    row["mean_threshold_passes"] = float(stats.threshold_passes.float().mean())
-                    rows.append(row)
-                    print(row, flush=True)
+                    inputs = {"batch": batch, "heads": heads, "dim": dim, "length": n}
+                    _time_all(baselines, inputs)
+                    for sizes in tile_sizes:
+                        row = {**inputs, "trained_like": trained_like, "tiles": str(sizes)}
+                        _time_all({"sparsa": lambda q=q, k=k, v=v, sizes=sizes: _sparsa(q, k, v, sizes)}, row)
+                        _, stats = _sparsa(q, k, v, sizes, stats=True)
+                        row["mean_support"] = float(stats.support.float().mean())
+                        row["skipped_fraction"] = stats.skipped_fraction
+                        row["mean_threshold_passes"] = float(stats.threshold_passes.float().mean())
+                        rows.append(row)
+                        print(row, flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["B", "D", "N", "scores", "fwd ms", "fwd vs SDPA", "fwd vs adasplash", "fwd+bwd ms",
+    headers = ["B", "D", "N", "scores", "tiles", "fwd ms", "fwd vs SDPA", "fwd vs adasplash", "fwd+bwd ms",
                "fwd+bwd vs SDPA", "fwd+bwd vs adasplash", "support", "skipped", "Newton passes"]  # fmt: skip
     body = []
     for r in rows:
@@ -130,12 +142,12 @@ def table(rows: list[dict]) -> str:
             return ratio(mine / other) if mine and other else "n/a"
 
         scores = "trained-like" if r["trained_like"] else "gaussian"
-        body.append([str(r["batch"]), str(r["dim"]), str(r["length"]), scores,
+        body.append([str(r["batch"]), str(r["dim"]), str(r["length"]), scores, r["tiles"],
                      f"{r['sparsa_fwd_ms']:.2f}", over("sdpa", "fwd"), over("adasplash", "fwd"),
                      f"{r['sparsa_fwd_bwd_ms']:.2f}", over("sdpa", "fwd_bwd"), over("adasplash", "fwd_bwd"),
                      f"{r['mean_support']:.1f}", f"{r['skipped_fraction']:.2f}",
                      f"{r['mean_threshold_passes']:.1f}"])  # fmt: skip
-    return markdown(headers, set(headers[:3] + headers[4:]), body)
+    return markdown(headers, set(headers[:3] + headers[5:]), body)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument(
+        "--tile-sizes",
+        nargs="+",
+        default=["32x32x4"],
+        help="Triton tile sizes to time, each BLOCK_MxBLOCK_NxWARPS (queries x keys per tile x warps)",
+    )
     parser.add_argument(
         "--check-lengths",
         type=int,
@@ -156,11 +174,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("sparsa bench gpu needs a CUDA device")
+    from ..attention.triton import TileSizes
+
+    tile_sizes = [TileSizes.parse(text) for text in args.tile_sizes]
     record = {"device": torch.cuda.get_device_name(), "correctness": check_correctness(args.check_lengths)}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu.json"
     path.write_text(json.dumps(record, indent=2))
-    record["timing"] = run(args.lengths, args.batches, args.dims, args.heads)
+    record["timing"] = run(args.lengths, args.batches, args.dims, args.heads, tile_sizes)
     path.write_text(json.dumps(record, indent=2))
     print(table(record["timing"]))
     return 0

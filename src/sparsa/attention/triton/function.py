@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 from torch import Tensor
@@ -10,9 +12,37 @@ from ..masks import ScoreBias
 from ..stats import AttentionStats
 from . import kernels
 
-BLOCK_M = 32
-BLOCK_N = 32
 MIN_DOT = 16
+
+
+@dataclass(frozen=True)
+class TileSizes:
+    """Queries and keys per tile (powers of two, at least 16) and warps per program."""
+
+    block_m: int = 32
+    block_n: int = 32
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "num_warps"):
+            value = getattr(self, name)
+            least = 1 if name == "num_warps" else MIN_DOT
+            if not isinstance(value, int) or value < least or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two of at least {least}, got {value!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> TileSizes:
+        """'64x32x4' (block_m x block_n x num_warps), as the benchmark's command line writes them."""
+        parts = text.split("x")
+        if len(parts) != 3 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"tile sizes are written BLOCK_MxBLOCK_NxWARPS, e.g. 32x32x4, got {text!r}")
+        return cls(*(int(part) for part in parts))
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}"
+
+
+DEFAULT_TILE_SIZES = TileSizes()
 
 
 def _block(size: int) -> int:
@@ -22,11 +52,14 @@ def _block(size: int) -> int:
 class _Launch:
     """Everything the kernels take besides the tensors that change between forward and backward."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: ScoreBias, scale: float):
+    def __init__(
+        self, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: ScoreBias, scale: float, sizes: TileSizes
+    ):
         self.batch, self.heads, self.n_q, self.dim = q.shape
         self.kv_heads, self.n_k, self.value_dim = k.shape[1], k.shape[2], v.shape[3]
         self.group = self.heads // self.kv_heads
-        self.tiles = (triton.cdiv(self.n_q, BLOCK_M), triton.cdiv(self.n_k, BLOCK_N))
+        self.sizes = sizes
+        self.tiles = (triton.cdiv(self.n_q, sizes.block_m), triton.cdiv(self.n_k, sizes.block_n))
         self.scale = scale
         self.alpha = alpha
         self.is_causal = bias.is_causal
@@ -46,8 +79,8 @@ class _Launch:
         self.constants = {
             "HEAD_DIM": self.dim,
             "VALUE_DIM": self.value_dim,
-            "BLOCK_M": BLOCK_M,
-            "BLOCK_N": BLOCK_N,
+            "BLOCK_M": sizes.block_m,
+            "BLOCK_N": sizes.block_n,
             "BLOCK_D": _block(self.dim),
             "BLOCK_DV": _block(self.value_dim),
             "IS_CAUSAL": self.is_causal,
@@ -55,6 +88,7 @@ class _Launch:
             "PAD": self.pad,
             # fp32 inputs get exact fp32 products, not TF32 (1e-3 error) on GPUs.
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "num_warps": sizes.num_warps,
         }
 
     def strides(self, q: Tensor, k: Tensor, v: Tensor, o: Tensor) -> list[int]:
@@ -106,10 +140,10 @@ def backward(launch: _Launch, q, k, v, d_out, stats, live, delta):
 
 class TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha, bias, scale):
+    def forward(ctx, q, k, v, alpha, bias, scale, sizes):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         alpha_grad = alpha.requires_grad
-        launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale)
+        launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale, sizes)
         out, u, w, stats, live, passes = forward(launch, q, k, v, alpha_grad)
         ctx.launch = launch
         ctx.save_for_backward(q, k, v, out, u, w if w is not None else u, stats, live)
@@ -130,16 +164,23 @@ class TritonAttention(torch.autograd.Function):
             first = (d_work * out.float()).sum(-1) - delta
             second = (d_work * w).sum(-1) - delta * stats[..., 2]
             d_alpha = (first / am1**2 - second / am1).sum((0, 2))
-        return dq, dk, dv, d_alpha, None, None
+        return dq, dk, dv, d_alpha, None, None, None
 
 
 def triton_attention(
-    q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, bias: ScoreBias, scale: float, stats: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    bias: ScoreBias,
+    scale: float,
+    stats: bool,
+    sizes: TileSizes = DEFAULT_TILE_SIZES,
 ) -> tuple[Tensor, AttentionStats | None]:
     """alpha-entmax attention in fused Triton kernels; alpha in (1, 2], float or (H,)."""
     heads = q.shape[1]
     alpha_tensor = alpha if isinstance(alpha, Tensor) else torch.full((heads,), alpha, device=q.device)
-    out, row_stats, live, passes = TritonAttention.apply(q, k, v, alpha_tensor, bias, scale)
+    out, row_stats, live, passes = TritonAttention.apply(q, k, v, alpha_tensor, bias, scale, sizes)
     if not stats:
         return out, None
     am1 = (alpha_tensor.detach().float() - 1).view(1, heads, 1)
@@ -147,14 +188,15 @@ def triton_attention(
     return out, AttentionStats(
         tau=tau,
         support=row_stats[..., 3].long(),
-        skipped_fraction=_skipped_fraction(live, q.shape[2], k.shape[2]),
+        skipped_fraction=_skipped_fraction(live, q.shape[2], k.shape[2], sizes),
         threshold_passes=passes.view(q.shape[0], heads, -1),
     )
 
 
-def _skipped_fraction(live: Tensor, n_q: int, n_k: int) -> float:
+def _skipped_fraction(live: Tensor, n_q: int, n_k: int, sizes: TileSizes) -> float:
     """Share of the (Nq, Nk) entries in tiles that the output pass and the backward skip."""
-    rows_per_tile = (n_q - torch.arange(0, n_q, BLOCK_M, device=live.device)).clamp(max=BLOCK_M).float()
-    keys_per_tile = (n_k - torch.arange(0, n_k, BLOCK_N, device=live.device)).clamp(max=BLOCK_N).float()
+    rows, keys = sizes.block_m, sizes.block_n
+    rows_per_tile = (n_q - torch.arange(0, n_q, rows, device=live.device)).clamp(max=rows).float()
+    keys_per_tile = (n_k - torch.arange(0, n_k, keys, device=live.device)).clamp(max=keys).float()
     kept_entries = torch.einsum("bij,i,j->", live.float(), rows_per_tile, keys_per_tile)
     return 1.0 - float(kept_entries) / (live.shape[0] * n_q * n_k)
