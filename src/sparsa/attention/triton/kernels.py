@@ -237,7 +237,6 @@ def _forward_kernel(
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     second = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    count = tl.zeros([BLOCK_M], tl.float32)
     for first in range(start, end, BLOCK_N):
         offs_n = first + offs_nb
         k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
@@ -250,7 +249,10 @@ def _forward_kernel(
         tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
         second = tl.maximum(tl.minimum(m, row_max), tl.maximum(second, row_second))
         m = tl.maximum(m, row_max)
-        count += tl.sum((s > float("-inf")).to(tl.float32), 1)
+    visible_end = hi
+    if IS_CAUSAL:
+        visible_end = tl.minimum(hi, q_pos + 1)
+    count = tl.where(rows, tl.maximum(visible_end - lo, 0), 0).to(tl.float32)
     seen = count > 0
     m = tl.where(seen, m, 0.0)
     runner_up = tl.where(seen, (second - m) * am1, float("-inf"))
