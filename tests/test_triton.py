@@ -128,6 +128,27 @@ def _check_threshold_passes(q, k, v, alpha, most_passes):
     assert int(stats.threshold_passes.max()) <= most_passes
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_tied_largest_scores_are_not_taken_for_one_dominant_key(alpha):
+    """Each query's largest score comes twice: in head 0 from keys 2i and 2i + 1 (one tile), in head 1
+    from keys j and j + 32 (two tiles). The first stream must see the tie: tau is not -1."""
+    torch.manual_seed(0)
+    n = 100
+    k = torch.randn(1, 2, n, 32, device=DEVICE)
+    k[:, 0, 1::2] = k[:, 0, 0::2]
+    k[:, 1, 32:64] = k[:, 1, 0:32]
+    targets = torch.randint(0, 32, (n,))
+    q = (3 * k[:, :, targets] + 0.1 * torch.randn(1, 2, n, 32, device=DEVICE)).requires_grad_()
+    k.requires_grad_()
+    v = torch.randn(1, 2, n, 32, device=DEVICE, requires_grad=True)
+    _compare(q, k, v, torch.float32, alpha=alpha)
+    _, stats = sparsa.attention(q, k, v, alpha=alpha, backend="triton", return_stats=True)
+    _, ref = sparsa.attention(q, k, v, alpha=alpha, backend="reference", return_stats=True)
+    assert torch.equal(stats.support, ref.support)
+    assert bool((ref.support == 2).all())
+    torch.testing.assert_close(stats.tau, ref.tau, atol=2e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize(("alpha", "most_passes"), [(1.5, 4), (1.75, 5)])
 def test_gaussian_rows_find_tau_in_few_passes(alpha, most_passes):
     """Newton from tau = -1 alone takes 7 passes on these rows; the level bound and, for alpha <= 1.5,

@@ -242,10 +242,8 @@ def _forward_kernel(
         k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
         s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
         s = tl.where(rows[:, None], s, float("-inf"))
-        row_max = tl.max(s, 1)
-        at_max = s == row_max[:, None]
-        row_second = tl.max(tl.where(at_max, float("-inf"), s), 1)
-        row_second = tl.where(tl.sum(at_max.to(tl.float32), 1) > 1, row_max, row_second)
+        row_max, at = tl.max(s, 1, return_indices=True)
+        row_second = tl.max(tl.where(offs_nb[None, :] == at[:, None], float("-inf"), s), 1)
         tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
         second = tl.maximum(tl.minimum(m, row_max), tl.maximum(second, row_second))
         m = tl.maximum(m, row_max)
