@@ -23,6 +23,9 @@ tau rises) a Newton step from the left whose bound f'' step^2 / 2 on the
 remaining f is within tolerance ends the solve without another pass.
 Gaussian rows then take 4-5 Newton passes instead of 7-12 (alpha 1.25 to 2).
 
+Offsets from the batch and head indices are 64-bit: a tensor of 2^31 elements
+(B=16, H=16, N=64k, D=128) would overflow 32-bit products of index and stride.
+
 Block sparsity: the first pass stores each (query tile, key tile)'s largest
 score. A tile whose largest score is at most min over the tile's rows of
 m + tau / (alpha - 1) holds only zero weights at that tau, so the Newton
@@ -217,7 +220,7 @@ def _forward_kernel(
     and Live, int8 of the same shape, with zeros: the output pass sets the tiles with a nonzero
     weight to 1 for the backward. Passes (B * H, n_tiles_m) receives each query tile's Newton passes."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
@@ -349,7 +352,7 @@ def _backward_query_kernel(
 ):  # fmt: skip
     """dQ of one query tile; DO has O's strides, DQ has Q's."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
@@ -397,7 +400,7 @@ def _backward_key_kernel(
 ):  # fmt: skip
     """dK, dV of a key tile, summed over the query heads of its group (no atomics); DK, DV: K, V strides."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_kv_heads
     hk = pid_bh % n_kv_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
