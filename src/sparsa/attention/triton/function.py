@@ -198,5 +198,5 @@ def _skipped_fraction(live: Tensor, n_q: int, n_k: int, sizes: TileSizes) -> flo
     rows, keys = sizes.block_m, sizes.block_n
     rows_per_tile = (n_q - torch.arange(0, n_q, rows, device=live.device)).clamp(max=rows).float()
     keys_per_tile = (n_k - torch.arange(0, n_k, keys, device=live.device)).clamp(max=keys).float()
-    kept_entries = torch.einsum("bij,i,j->", live.float(), rows_per_tile, keys_per_tile)
+    kept_entries = torch.einsum("ij,i,j->", live.sum(0).float(), rows_per_tile, keys_per_tile)
     return 1.0 - float(kept_entries) / (live.shape[0] * n_q * n_k)
