@@ -93,6 +93,12 @@ def test_gpu_benchmark_runs_through_on_cpu(monkeypatch):
     assert all(r["sdpa_fwd_bwd_ms"] == r["sparsa_fwd_bwd_ms"] == 1.0 for r in rows)
     assert all(r["mean_threshold_passes"] == 0 for r in rows if r["trained_like"])
     assert "| 1 | 16 | 40 | gaussian | 16x64x2 |" in gpu.table(rows)
+    checks = gpu.check_correctness([50], sizes, device="cpu")
+    assert [(c["dtype"], c["tiles"]) for c in checks] == [
+        ("torch.float32", "32x32x4"), ("torch.float32", "16x64x2"),
+        ("torch.bfloat16", "32x32x4"), ("torch.bfloat16", "16x64x2"),
+    ]  # fmt: skip
+    assert all(c["out_error"] < 1e-5 and max(c["grad_relative_errors"]) < 1e-5 for c in checks[:2])
 
 
 def test_bench_attention_command_is_registered(capsys):

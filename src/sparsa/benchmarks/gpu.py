@@ -44,30 +44,6 @@ def _time(fn, backward: bool) -> float:
     return triton.testing.do_bench(step, warmup=3, rep=40)
 
 
-def check_correctness(lengths: list[int]) -> list[dict]:
-    """Triton against the blocked backend (fp32) and the reference (bf16, short) at each length."""
-    import sparsa
-
-    rows = []
-    for n in lengths:
-        for dtype in (torch.float32, torch.bfloat16):
-            q, k, v = _inputs(1, 2, n, 64, dtype, trained_like=False, seed=n)
-            out = sparsa.attention(q, k, v, is_causal=True, backend="triton")
-            baseline = "reference" if n <= 4096 else "blocked"
-            ref = sparsa.attention(q.float(), k.float(), v.float(), is_causal=True, backend=baseline)
-            grad = torch.randn_like(ref)
-            got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
-            expected = torch.autograd.grad(ref, (q, k, v), grad)
-            errors = [float((out.float() - ref).abs().max().detach())]
-            errors += [
-                float((a.float() - b).abs().max() / b.abs().max()) for a, b in zip(got, expected, strict=True)
-            ]
-            rows.append({"length": n, "dtype": str(dtype), "baseline": baseline, "out_error": errors[0],
-                         "grad_relative_errors": errors[1:]})  # fmt: skip
-            print(rows[-1], flush=True)
-    return rows
-
-
 def _sparsa(q, k, v, sizes, stats=False):
     from ..attention.masks import ScoreBias
     from ..attention.triton import triton_attention
@@ -76,6 +52,33 @@ def _sparsa(q, k, v, sizes, stats=False):
     bias = ScoreBias(batch, heads, n, n, is_causal=True, attn_mask=None, alibi_slopes=None, device=q.device)
     out, row_stats = triton_attention(q, k, v, 1.5, bias, dim**-0.5, stats, sizes)
     return (out, row_stats) if stats else out
+
+
+def check_correctness(lengths: list[int], tile_sizes: list, device: str = "cuda") -> list[dict]:
+    """Triton at each tile size against the reference (up to 4096 keys) or the blocked backend
+    (beyond), both in fp32, on fp32 and bf16 inputs; errors of the output and relative errors of
+    the gradients."""
+    import sparsa
+
+    rows = []
+    for n in lengths:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = _inputs(1, 2, n, 64, dtype, trained_like=False, seed=n, device=device)
+            baseline = "reference" if n <= 4096 else "blocked"
+            exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+            ref = sparsa.attention(*exact, is_causal=True, backend=baseline)
+            grad = torch.randn_like(ref)
+            expected = torch.autograd.grad(ref, exact, grad)
+            for sizes in tile_sizes:
+                out = _sparsa(q, k, v, sizes)
+                got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
+                pairs = zip(got, expected, strict=True)
+                relative = [float((a.float() - b).abs().max() / b.abs().max()) for a, b in pairs]
+                rows.append({"length": n, "dtype": str(dtype), "tiles": str(sizes), "baseline": baseline,
+                             "out_error": float((out.float() - ref).abs().max().detach()),
+                             "grad_relative_errors": relative})  # fmt: skip
+                print(rows[-1], flush=True)
+    return rows
 
 
 def _time_all(contenders: dict, row: dict) -> None:
@@ -177,7 +180,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     from ..attention.triton import TileSizes
 
     tile_sizes = [TileSizes.parse(text) for text in args.tile_sizes]
-    record = {"device": torch.cuda.get_device_name(), "correctness": check_correctness(args.check_lengths)}
+    record = {
+        "device": torch.cuda.get_device_name(),
+        "correctness": check_correctness(args.check_lengths, tile_sizes),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu.json"
     path.write_text(json.dumps(record, indent=2))
