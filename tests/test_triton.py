@@ -65,6 +65,23 @@ def test_padding_alibi_and_grouped_heads(side):
     _compare(q, k, v, torch.float32, alpha=1.5, is_causal=True, attn_mask=padding, alibi_slopes=slopes)
 
 
+def test_inputs_and_output_gradient_in_other_layouts():
+    """(B, N, H, D) tensors seen as (B, H, N, D), as a model that splits heads passes them, and an
+    output gradient that arrives in that layout too."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 50, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    weights = torch.randn(2, 50, 4, 16, device=DEVICE)
+    grads = []
+    for backend in ("triton", "reference"):
+        out = sparsa.attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, backend=backend
+        )
+        loss = (out.transpose(1, 2) * weights).sum()
+        grads.append((out, *torch.autograd.grad(loss, (q, k, v))))
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_per_head_learnt_alpha_gets_its_gradient():
     q, k, v = _inputs(2, 4, 4, 50, 50, 16, torch.float32)
     alpha = torch.tensor([1.25, 1.5, 1.75, 2.0], device=DEVICE, requires_grad=True)

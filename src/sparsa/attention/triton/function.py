@@ -117,14 +117,16 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     return out, u, (w if alpha_grad else None), stats, live, passes
 
 
-def backward(launch: _Launch, q, k, v, d_out, stats, live, delta):
+def backward(launch: _Launch, q, k, v, d_out, stats, live, u):
+    """dQ, dK, dV and delta = dO . U per row (which the gradient of a learnt alpha needs too)."""
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
     strides = launch.strides(q, k, v, d_out)
     grid = (launch.tiles[0], launch.batch * launch.heads)
     kernels._backward_query_kernel[grid](
-        q, k, v, d_out, dq, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
+        q, k, v, d_out, dq, stats, live, u, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, *launch.tiles,
         **launch.constants,
     )  # fmt: skip
@@ -135,7 +137,7 @@ def backward(launch: _Launch, q, k, v, d_out, stats, live, delta):
         launch.slope_stride, *launch.tiles,
         **launch.constants,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, delta
 
 
 class TritonAttention(torch.autograd.Function):
@@ -155,12 +157,11 @@ class TritonAttention(torch.autograd.Function):
     def backward(ctx, d_out, *_):
         q, k, v, out, u, w, stats, live = ctx.saved_tensors
         d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
-        d_work = d_out.float()
-        delta = (d_work * u).sum(-1).contiguous()
-        dq, dk, dv = backward(ctx.launch, q, k, v, d_out, stats, live, delta)
+        dq, dk, dv, delta = backward(ctx.launch, q, k, v, d_out, stats, live, u)
         d_alpha = None
         if ctx.alpha_grad:
             am1 = (ctx.launch.alpha - 1).view(1, -1, 1)
+            d_work = d_out.float()
             first = (d_work * out.float()).sum(-1) - delta
             second = (d_work * w).sum(-1) - delta * stats[..., 2]
             d_alpha = (first / am1**2 - second / am1).sum((0, 2))

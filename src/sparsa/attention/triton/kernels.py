@@ -343,14 +343,15 @@ def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexp
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, DO, DQ, Stats, Live, Delta, Alpha, Slopes, Lengths,
+    Q, K, V, DO, DQ, Stats, Live, U, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one query tile; DO has O's strides, DQ has Q's."""
+    """dQ of one query tile, and its rows' delta = dO . U into Delta for the dK, dV kernel (launched
+    after this one); DO has O's strides, DQ has Q's."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
@@ -367,7 +368,10 @@ def _backward_query_kernel(
     stats = Stats + (row_base + offs_m) * 4
     m = tl.load(stats, mask=rows, other=0.0)
     tau = tl.load(stats + 1, mask=rows, other=float("inf"))
-    delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
+    out_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
+    u = tl.load(U + (row_base + offs_m)[:, None] * VALUE_DIM + offs_dv[None, :], mask=out_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * u, 1)
+    tl.store(Delta + row_base + offs_m, delta, mask=rows)
     q_pos = offs_m + (n_k - n_q)
     am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
     lo, hi = _real_keys(Lengths, b, n_k, PAD)
