@@ -95,8 +95,22 @@ class _Launch:
         return [*q.stride(), *k.stride(), *v.stride(), *o.stride()]
 
 
+def _unit_stride(x: Tensor) -> Tensor:
+    """x itself when its last dimension is contiguous (the kernels take any other strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _output_like(q: Tensor, value_dim: int) -> Tensor:
+    """(B, H, N, Dv) in q's layout: (B, N, H, Dv) memory when q is a view of (B, N, H, D), as from
+    a model that splits its heads, so that merging them back copies nothing."""
+    batch, heads, n_q, _ = q.shape
+    if heads > 1 and n_q > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty(batch, n_q, heads, value_dim).transpose(1, 2)
+    return q.new_empty(batch, heads, n_q, value_dim)
+
+
 def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
-    out = q.new_empty(launch.batch, launch.heads, launch.n_q, launch.value_dim)
+    out = _output_like(q, launch.value_dim)
     aux_shape = (launch.batch, launch.heads, launch.n_q, launch.value_dim)
     u = torch.empty(aux_shape, device=q.device, dtype=torch.float32)
     w = torch.empty(aux_shape, device=q.device, dtype=torch.float32) if alpha_grad else u
@@ -143,7 +157,7 @@ def backward(launch: _Launch, q, k, v, d_out, stats, live, u):
 class TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, bias, scale, sizes):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         alpha_grad = alpha.requires_grad
         launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale, sizes)
         out, u, w, stats, live, passes = forward(launch, q, k, v, alpha_grad)
@@ -156,7 +170,7 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, *_):
         q, k, v, out, u, w, stats, live = ctx.saved_tensors
-        d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
+        d_out = _unit_stride(d_out)
         dq, dk, dv, delta = backward(ctx.launch, q, k, v, d_out, stats, live, u)
         d_alpha = None
         if ctx.alpha_grad:
