@@ -200,8 +200,10 @@ def _newton_update(tau, lower, upper, finished, total, slope_sum, curvature, bou
     # From the left, f(newton) <= f''(tau) step^2 / 2 when f'' only falls as tau rises, as for p >= 2.
     remaining = tl.where(inv >= 2.0, 0.5 * inv * (inv - 1.0) * curvature * step * step, float("inf"))
     final = (f > 0) & (newton >= bound) & (remaining <= tolerance)
-    newton = tl.maximum(newton, bound)
-    inside = (newton > lower) & (newton < upper)
+    # The root can be the count bound itself (all visible scores tied), where rounding puts Newton's
+    # step just past it: clamping there, rather than bisecting, ends the solve at the next pass.
+    newton = tl.minimum(tl.maximum(newton, bound), upper)
+    inside = newton > lower
     tau = tl.where(converged, tau, tl.where(inside, newton, 0.5 * (lower + upper)))
     return tau, lower, upper, converged | (final & inside)
 
