@@ -58,7 +58,6 @@ class _Launch:
         self.batch, self.heads, self.n_q, self.dim = q.shape
         self.kv_heads, self.n_k, self.value_dim = k.shape[1], k.shape[2], v.shape[3]
         self.group = self.heads // self.kv_heads
-        self.sizes = sizes
         self.tiles = (triton.cdiv(self.n_q, sizes.block_m), triton.cdiv(self.n_k, sizes.block_n))
         self.scale = scale
         self.alpha = alpha
