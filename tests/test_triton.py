@@ -246,7 +246,7 @@ from sparsa.attention.triton import kernels
 
 arch, dtype, dim, blocks, warps, causal, pad = sys.argv[1:]
 block_m, block_n = (int(b) for b in blocks.split("x"))
-inputs = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+inputs = {"Q", "K", "V", "Out", "U", "DO", "DQ", "DK", "DV"}
 pointers = {"Lengths": "*i32", "Live": "*i8", "Passes": "*i32"}
 shared = dict(HEAD_DIM=int(dim), VALUE_DIM=int(dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=int(dim),
               BLOCK_DV=int(dim), IS_CAUSAL=causal == "causal", HAS_ALIBI=True, PAD=int(pad),

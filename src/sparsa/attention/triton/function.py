@@ -111,7 +111,9 @@ def _output_like(q: Tensor, value_dim: int) -> Tensor:
 def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     out = _output_like(q, launch.value_dim)
     aux_shape = (launch.batch, launch.heads, launch.n_q, launch.value_dim)
-    u = torch.empty(aux_shape, device=q.device, dtype=torch.float32)
+    # U = sum g v / sum g is to the backward what O is to softmax's (delta = dO . U), and is kept in
+    # O's precision as FlashAttention keeps O: half the memory of fp32 for fp16 and bf16 inputs.
+    u = torch.empty(aux_shape, device=q.device, dtype=q.dtype)
     w = torch.empty(aux_shape, device=q.device, dtype=torch.float32) if alpha_grad else u
     stats = torch.empty(launch.batch, launch.heads, launch.n_q, 4, device=q.device, dtype=torch.float32)
     tile_shape = (launch.batch * launch.heads, *launch.tiles)

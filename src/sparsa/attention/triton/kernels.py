@@ -326,7 +326,7 @@ def _forward_kernel(
     tl.store(out, (acc / p_sum[:, None]).to(Out.dtype.element_ty), mask=out_mask)
     row_base = (b * n_heads + h) * n_q
     aux_offsets = (row_base + offs_m)[:, None] * VALUE_DIM + offs_dv[None, :]
-    tl.store(U + aux_offsets, acc_g / g_sum[:, None], mask=out_mask)
+    tl.store(U + aux_offsets, (acc_g / g_sum[:, None]).to(U.dtype.element_ty), mask=out_mask)
     if ALPHA_GRAD:
         tl.store(W + aux_offsets, acc_w, mask=out_mask)
     stats = Stats + (row_base + offs_m) * 4
@@ -372,7 +372,7 @@ def _backward_query_kernel(
     tau = tl.load(stats + 1, mask=rows, other=float("inf"))
     out_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
     u = tl.load(U + (row_base + offs_m)[:, None] * VALUE_DIM + offs_dv[None, :], mask=out_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * u, 1)
+    delta = tl.sum(do.to(tl.float32) * u.to(tl.float32), 1)
     tl.store(Delta + row_base + offs_m, delta, mask=rows)
     q_pos = offs_m + (n_k - n_q)
     am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
