@@ -43,7 +43,7 @@ import triton.language as tl
 NEWTON_TOLERANCE = 1e-6
 MAX_PASSES = 60
 LEVELS = 16
-BOUND_ITERATIONS = 20
+BOUND_ITERATIONS = 8
 
 
 @triton.jit
