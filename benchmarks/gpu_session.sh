@@ -4,7 +4,7 @@
 # then times against torch SDPA and adasplash). Run it from the repository root on a CUDA machine
 # whose python3 has torch and triton; wheels in .whl/ (adasplash) are installed first. Logs and
 # gpu.json go to $OUT (results/gpu when unset); extra arguments go to `sparsa bench gpu`, e.g.
-#   benchmarks/gpu_session.sh --lengths 1024 32768 --batches 1 --dims 64 --tile-sizes 32x32x4 64x64x4
+#   benchmarks/gpu_session.sh --lengths 1024 32768 --batches 1 --dims 64 128 --tile-sizes 32x32x4 32x32x8 64x64x8
 set -o pipefail
 out=${OUT:-results/gpu}
 mkdir -p "$out"

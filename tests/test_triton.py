@@ -252,9 +252,9 @@ shared = dict(HEAD_DIM=int(dim), VALUE_DIM=int(dim), BLOCK_M=block_m, BLOCK_N=bl
               BLOCK_DV=int(dim), IS_CAUSAL=causal == "causal", HAS_ALIBI=True, PAD=int(pad),
               PRECISION="ieee" if dtype == "fp32" else "tf32")
 forward = dict(ALPHA_GRAD=True, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS)
-for kernel, own in [(kernels._forward_kernel, forward), (kernels._backward_query_kernel, {}),
-                    (kernels._backward_key_kernel, {})]:
-    constants = {**shared, **own}
+for kernel, own in [(kernels._forward_kernel, forward), (kernels._delta_kernel, {}),
+                    (kernels._backward_query_kernel, {}), (kernels._backward_key_kernel, {})]:
+    constants = {name: value for name, value in {**shared, **own}.items() if name in kernel.arg_names}
     signature = {}
     for name in kernel.arg_names:
         if name in constants:
@@ -290,8 +290,8 @@ def test_kernels_compile_for_gpus(config):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["_forward_kernel", "compiled", "_backward_query_kernel", "compiled",
-                                     "_backward_key_kernel", "compiled"]  # fmt: skip
+    kernels = ["_forward_kernel", "_delta_kernel", "_backward_query_kernel", "_backward_key_kernel"]
+    assert result.stdout.split() == [word for kernel in kernels for word in (kernel, "compiled")]
 
 
 def test_softmax_and_unsupported_inputs():

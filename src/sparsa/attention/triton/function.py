@@ -140,8 +140,13 @@ def backward(launch: _Launch, q, k, v, d_out, stats, live, u):
     delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
     strides = launch.strides(q, k, v, d_out)
     grid = (launch.tiles[0], launch.batch * launch.heads)
+    constants = launch.constants
+    kernels._delta_kernel[grid](
+        d_out, u, delta, *d_out.stride(), launch.heads, launch.n_q, VALUE_DIM=launch.value_dim,
+        BLOCK_M=constants["BLOCK_M"], BLOCK_DV=constants["BLOCK_DV"], num_warps=constants["num_warps"],
+    )  # fmt: skip
     kernels._backward_query_kernel[grid](
-        q, k, v, d_out, dq, stats, live, u, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
+        q, k, v, d_out, dq, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, *launch.tiles,
         **launch.constants,
     )  # fmt: skip

@@ -324,16 +324,37 @@ def _forward_kernel(
     out_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
     out = Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
     tl.store(out, (acc / p_sum[:, None]).to(Out.dtype.element_ty), mask=out_mask)
-    row_base = (b * n_heads + h) * n_q
-    aux_offsets = (row_base + offs_m)[:, None] * VALUE_DIM + offs_dv[None, :]
-    tl.store(U + aux_offsets, (acc_g / g_sum[:, None]).to(U.dtype.element_ty), mask=out_mask)
+    # 64-bit scalar bases first, so that the per-element offsets stay 32-bit.
+    row_base = pid_bh * n_q
+    aux_offsets = offs_m[:, None] * VALUE_DIM + offs_dv[None, :]
+    u = (acc_g / g_sum[:, None]).to(U.dtype.element_ty)
+    tl.store(U + row_base * VALUE_DIM + aux_offsets, u, mask=out_mask)
     if ALPHA_GRAD:
-        tl.store(W + aux_offsets, acc_w, mask=out_mask)
-    stats = Stats + (row_base + offs_m) * 4
+        tl.store(W + row_base * VALUE_DIM + aux_offsets, acc_w, mask=out_mask)
+    stats = Stats + row_base * 4 + offs_m * 4
     tl.store(stats, m, mask=rows)
     tl.store(stats + 1, tau, mask=rows)
     tl.store(stats + 2, entropy, mask=rows)
     tl.store(stats + 3, support, mask=rows)
+
+
+@triton.jit
+def _delta_kernel(
+    DO, U, Delta, sob, soh, som, sod, n_heads, n_q,
+    VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """delta = dO . U for a tile of query rows, which both backward kernels (launched after) subtract."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_base = pid_bh * n_q
+    do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
+    u = _load_tile(U + row_base * VALUE_DIM, offs_m, offs_dv, VALUE_DIM, 1, n_q, VALUE_DIM)
+    delta = tl.sum(do.to(tl.float32) * u.to(tl.float32), 1)
+    tl.store(Delta + row_base + offs_m, delta, mask=offs_m < n_q)
 
 
 @triton.jit
@@ -345,15 +366,14 @@ def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexp
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, DO, DQ, Stats, Live, U, Delta, Alpha, Slopes, Lengths,
+    Q, K, V, DO, DQ, Stats, Live, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one query tile, and its rows' delta = dO . U into Delta for the dK, dV kernel (launched
-    after this one); DO has O's strides, DQ has Q's."""
+    """dQ of one query tile; DO has O's strides, DQ has Q's."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
@@ -366,14 +386,11 @@ def _backward_query_kernel(
     rows = offs_m < n_q
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
     do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
-    row_base = (b * n_heads + h) * n_q
-    stats = Stats + (row_base + offs_m) * 4
+    row_base = pid_bh * n_q
+    stats = Stats + row_base * 4 + offs_m * 4
     m = tl.load(stats, mask=rows, other=0.0)
     tau = tl.load(stats + 1, mask=rows, other=float("inf"))
-    out_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
-    u = tl.load(U + (row_base + offs_m)[:, None] * VALUE_DIM + offs_dv[None, :], mask=out_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * u.to(tl.float32), 1)
-    tl.store(Delta + row_base + offs_m, delta, mask=rows)
+    delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
     q_pos = offs_m + (n_k - n_q)
     am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
     lo, hi = _real_keys(Lengths, b, n_k, PAD)
@@ -431,7 +448,7 @@ def _backward_key_kernel(
             if tl.load(live + (start_m // BLOCK_M) * n_tiles_n) != 0:
                 offs_m = start_m + offs_mb
                 rows = offs_m < n_q
-                stats = Stats + (row_base + offs_m) * 4
+                stats = Stats + row_base * 4 + offs_m * 4
                 m = tl.load(stats, mask=rows, other=0.0)
                 tau = tl.load(stats + 1, mask=rows, other=float("inf"))
                 q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, n_q, HEAD_DIM)
