@@ -1,5 +1,6 @@
 """The Triton backend against the dense reference; on CPU through Triton's interpreter."""
 
+import json
 import os
 import subprocess
 import sys
@@ -236,62 +237,26 @@ def test_tile_sizes_are_checked():
         TileSizes.parse("64x32")
 
 
-# Compiled in a fresh process: with TRITON_INTERPRET set, @triton.jit gives interpreter functions.
-_COMPILE_KERNELS = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sparsa.attention.triton import kernels
-
-arch, dtype, dim, blocks, warps, causal, pad = sys.argv[1:]
-block_m, block_n = (int(b) for b in blocks.split("x"))
-inputs = {"Q", "K", "V", "Out", "U", "DO", "DQ", "DK", "DV"}
-pointers = {"Lengths": "*i32", "Live": "*i8", "Passes": "*i32"}
-shared = dict(HEAD_DIM=int(dim), VALUE_DIM=int(dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=int(dim),
-              BLOCK_DV=int(dim), IS_CAUSAL=causal == "causal", HAS_ALIBI=True, PAD=int(pad),
-              PRECISION="ieee" if dtype == "fp32" else "tf32")
-forward = dict(ALPHA_GRAD=True, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS)
-for kernel, own in [(kernels._forward_kernel, forward), (kernels._delta_kernel, {}),
-                    (kernels._backward_query_kernel, {}), (kernels._backward_key_kernel, {})]:
-    constants = {name: value for name, value in {**shared, **own}.items() if name in kernel.arg_names}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in inputs:
-            signature[name] = "*" + dtype
-        elif name[0].isupper():
-            signature[name] = pointers.get(name, "*fp32")
-        else:
-            signature[name] = "fp32" if name in ("scale", "tolerance") else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    target = GPUTarget("cuda", int(arch), 32)
-    compiled = triton.compile(source, target=target, options={"num_warps": int(warps)})
-    assert len(compiled.asm["cubin"]) > 0
-    print(kernel.__name__, "compiled")
-"""
-
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs the kernels themselves")
 @pytest.mark.parametrize(
-    "config",
-    [("90", "bf16", "64", "32x32", "4", "causal", "2"), ("90", "fp16", "64", "64x64", "8", "full", "1")],
-)
-def test_kernels_compile_for_gpus(config):
-    """The interpreter runs the kernels' Python; this runs Triton's compiler down to Hopper machine
-    code, which rejects what the interpreter lets through."""
+    "options",
+    [["--dtype", "bf16", "--tile-sizes", "32x32x4"], ["--dtype", "fp16", "--tile-sizes", "64x64x8", "--full",
+                                                      "--padding", "right"]],
+)  # fmt: skip
+def test_kernels_compile_for_gpus(options, tmp_path):
+    """The interpreter runs the kernels' Python; `sparsa bench kernels` runs Triton's compiler down to
+    Hopper machine code, which rejects what the interpreter lets through (in a process of its own: with
+    TRITON_INTERPRET set, @triton.jit gives interpreter functions)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _COMPILE_KERNELS, *config],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    command = [sys.executable, "-m", "sparsa.cli", "bench", "kernels", "--dims", "64", "--out", str(tmp_path)]
+    result = subprocess.run(command + options, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    kernels = ["_forward_kernel", "_delta_kernel", "_backward_query_kernel", "_backward_key_kernel"]
-    assert result.stdout.split() == [word for kernel in kernels for word in (kernel, "compiled")]
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert [row["kernel"] for row in rows] == [
+        "forward_kernel", "delta_kernel", "backward_query_kernel", "backward_key_kernel"
+    ]  # fmt: skip
+    assert all(0 < row["registers"] <= 255 for row in rows)
+    assert "| 64 | " + options[3] + " | forward_kernel |" in result.stdout
 
 
 def test_softmax_and_unsupported_inputs():

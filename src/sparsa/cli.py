@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     from .benchmarks import attention as attention_bench
     from .benchmarks import gpu as gpu_bench
+    from .benchmarks import kernels as kernels_bench
     from .benchmarks import normalizers as normalizer_bench
 
     normalizers = benchmarks.add_parser(
@@ -140,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu_bench.add_arguments(gpu)
     gpu.set_defaults(run=gpu_bench.run_from_args)
+    kernels = benchmarks.add_parser(
+        "kernels", help="registers and spills of the Triton kernels per tile size, compiled without a GPU"
+    )
+    kernels_bench.add_arguments(kernels)
+    kernels.set_defaults(run=kernels_bench.run_from_args)
     return parser
 
 
