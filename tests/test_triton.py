@@ -186,8 +186,8 @@ def test_gaussian_rows_find_tau_in_few_passes(alpha, most_passes):
 @pytest.mark.parametrize("alpha", [1.1, 1.5, 2.0])
 @pytest.mark.parametrize("query_scale", [0.0, 1e-4, 100.0])
 def test_tied_tiny_and_huge_scores(alpha, query_scale):
-    """All scores tied (tau is then the bracket's right end, where Newton had fallen back to bisection
-    for up to 60 passes), nearly tied, and far apart: exact, in few passes."""
+    """All scores tied (tau is then the bracket's right end, where rounding had sent Newton's step past
+    it into many passes of bisection), nearly tied, and far apart: exact, in few passes."""
     torch.manual_seed(0)
     k = torch.randn(1, 2, 70, 16, device=DEVICE)
     q = query_scale * torch.randn(1, 2, 70, 16, device=DEVICE)

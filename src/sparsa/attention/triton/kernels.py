@@ -21,7 +21,7 @@ function, found in registers, is a lower bound on tau within one level's
 spacing of it; Newton continues from there. For alpha <= 1.5 (f'' falls as
 tau rises) a Newton step from the left whose bound f'' step^2 / 2 on the
 remaining f is within tolerance ends the solve without another pass.
-Gaussian rows then take 4-5 Newton passes instead of 7-12 (alpha 1.25 to 2).
+Gaussian rows then take 4-5 Newton passes instead of 6-12 (alpha 1.25 to 2).
 
 Offsets from the batch and head indices are 64-bit: a tensor of 2^31 elements
 (B=16, H=16, N=64k, D=128) would overflow 32-bit products of index and stride.
