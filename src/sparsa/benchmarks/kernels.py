@@ -23,8 +23,9 @@ def run(arch: int, dtype: str, dims: list[int], tile_sizes: list[str], is_causal
     rows = []
     for dim in dims:
         for size in sizes:
-            rows += kernel_resources(arch, dtype, dim, size, is_causal=is_causal, padding=padding)
-            print(rows[-4:], flush=True)
+            found = kernel_resources(arch, dtype, dim, size, is_causal=is_causal, padding=padding)
+            print(found, flush=True)
+            rows += found
     return rows
 
 

@@ -84,6 +84,15 @@ def _key_range(
 
 
 @triton.jit
+def _visible_keys(q_pos, rows, lo, hi, IS_CAUSAL: tl.constexpr):
+    """The number of keys each query row sees (0 for rows past the queries)."""
+    end = hi
+    if IS_CAUSAL:
+        end = tl.minimum(hi, q_pos + 1)
+    return tl.where(rows, tl.maximum(end - lo, 0), 0).to(tl.float32)
+
+
+@triton.jit
 def _scores(q, k, offs_n, q_pos, lo, hi, slope, scale,
             IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_N) scores of a query tile against the key tile k at offs_n, -inf where masked."""
@@ -145,7 +154,8 @@ def _threshold_pass(
             p, g = _powers(d, inv)
             total += tl.sum(p, 1)
             slope_sum += tl.sum(g, 1)
-            curvature += tl.sum(tl.where(d > 0, g / tl.where(d > 0, d, 1.0), 0.0), 1)
+            if inv >= 2.0:  # f'' serves the early stop, which holds for alpha <= 1.5 only
+                curvature += tl.sum(tl.where(d > 0, g / tl.where(d > 0, d, 1.0), 0.0), 1)
             if COUNT_LEVELS:
                 for j in tl.static_range(LEVELS):
                     count = tl.sum((z > (lowest + j * spacing)[:, None]).to(tl.float32), 1)
@@ -252,10 +262,7 @@ def _forward_kernel(
         tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
         second = tl.maximum(tl.minimum(m, row_max), tl.maximum(second, row_second))
         m = tl.maximum(m, row_max)
-    visible_end = hi
-    if IS_CAUSAL:
-        visible_end = tl.minimum(hi, q_pos + 1)
-    count = tl.where(rows, tl.maximum(visible_end - lo, 0), 0).to(tl.float32)
+    count = _visible_keys(q_pos, rows, lo, hi, IS_CAUSAL)
     seen = count > 0
     m = tl.where(seen, m, 0.0)
     runner_up = tl.where(seen, (second - m) * am1, float("-inf"))
