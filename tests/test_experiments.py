@@ -5,6 +5,8 @@ import importlib
 import itertools
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from sparsa.cli import main
 from sparsa.experiments import results
 from sparsa.experiments.data import training_batch
 from sparsa.experiments.evaluate import decoded_correctly, evaluate
-from sparsa.experiments.train import CHECKPOINT, RunConfig, learning_rate, train
+from sparsa.experiments.train import CHECKPOINT, RunConfig, TrainingInterrupted, learning_rate, train
 from sparsa.models import Transformer
 from sparsa.tasks import IGNORE, make_task
 from sparsa.tasks.base import sample
@@ -66,34 +68,80 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert learning_rate(config, 100) == pytest.approx(0.1)
 
 
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+def _log_steps(run_dir):
+    return [json.loads(line)["step"] for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def _stop_at(monkeypatch, step, stop):
+    """Call ``stop`` while the batch of 0-based ``step`` is drawn (that is, during step + 1)."""
+    train_module = importlib.import_module("sparsa.experiments.train")
+    original = train_module.training_batch
+
+    def batch_then_stop(task, seed, at, *args):
+        if at == step:
+            stop()
+        return original(task, seed, at, *args)
+
+    monkeypatch.setattr(train_module, "training_batch", batch_then_stop)
+    return lambda: monkeypatch.setattr(train_module, "training_batch", original)
+
+
+def _kill():
+    raise KeyboardInterrupt
+
+
+def test_a_killed_run_resumes_to_the_weights_and_log_of_an_uninterrupted_one(tmp_path, monkeypatch):
     config = _config(model={**TINY, "dropout": 0.1})
     train(config, tmp_path / "whole", quiet=True, device="cpu")
-
-    train_module = importlib.import_module("sparsa.experiments.train")
-
-    original = train_module._save_checkpoint
-
-    def save_then_die(path, model, optimizer, step, best, cluster):
-        original(path, model, optimizer, step, best, cluster)
-        raise KeyboardInterrupt("killed after the first checkpoint")
-
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    restore = _stop_at(monkeypatch, 4, _kill)
+    with pytest.raises(TrainingInterrupted) as stopped:
         train(config, tmp_path / "resumed", quiet=True, device="cpu")
-    monkeypatch.setattr(train_module, "_save_checkpoint", original)
+    restore()
+    assert (stopped.value.step, stopped.value.saved_step) == (4, 3)
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["step"] == 3
+    assert _log_steps(tmp_path / "resumed") == [2, 3, 4]
     with pytest.raises(FileExistsError, match="resume"):
         train(config, tmp_path / "resumed", quiet=True, device="cpu")
-    with pytest.raises(ValueError, match="steps"):
-        train(_config(steps=7), tmp_path / "resumed", resume=True, quiet=True, device="cpu")
+    with pytest.raises(ValueError, match="lr"):
+        train(_config(lr=0.1), tmp_path / "resumed", resume=True, quiet=True, device="cpu")
     train(config, tmp_path / "resumed", resume=True, quiet=True, device="cpu")
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    steps = [
-        json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
-    ]
-    assert steps == [2, 3, 4, 6, 6]
+    assert _log_steps(tmp_path / "resumed") == _log_steps(tmp_path / "whole") == [2, 3, 4, 6, 6]
+
+
+def test_ctrl_c_stops_after_the_running_step_with_a_checkpoint_there(tmp_path, monkeypatch):
+    config = _config()
+    train(config, tmp_path / "whole", quiet=True, device="cpu")
+    restore = _stop_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, tmp_path / "stopped", quiet=True, device="cpu")
+    restore()
+    assert (stopped.value.step, stopped.value.saved_step) == (4, 4)
+    assert torch.load(tmp_path / "stopped" / CHECKPOINT, weights_only=True)["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    train(config, tmp_path / "stopped", resume=True, quiet=True, device="cpu")
+    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "stopped")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert _log_steps(tmp_path / "stopped") == _log_steps(tmp_path / "whole")
+
+
+def test_a_finished_run_is_extended_by_more_steps(tmp_path):
+    train(_config(), tmp_path / "run", quiet=True, device="cpu")
+    with pytest.raises(ValueError, match="at least 6"):
+        train(_config(steps=5), tmp_path / "run", resume=True, quiet=True, device="cpu")
+    train(_config(steps=9), tmp_path / "run", resume=True, quiet=True, device="cpu")
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == 9
+    assert RunConfig.load(tmp_path / "run").steps == 9
+    assert _log_steps(tmp_path / "run") == [2, 3, 4, 6, 6, 8, 9, 9]
+
+
+def test_warmup_defaults_to_a_tenth_of_the_steps_and_must_end_before_the_last():
+    assert RunConfig(steps=50).warmup_steps == 5
+    assert RunConfig(steps=3000).warmup_steps == 300
+    with pytest.raises(ValueError, match="never reach its peak"):
+        RunConfig(steps=50, warmup_steps=150)
+    assert RunConfig(task_options={"vocab": "12"}).task_options == {"vocab": 12}
 
 
 def test_training_writes_logs_and_selects_a_model(tmp_path):
@@ -155,7 +203,7 @@ def test_attention_summary_reports_dispersion(tmp_path):
 
 
 def _record():
-    record = results.new_record("copy", {}, 16)
+    record = results.new_record("copy", {}, 16, min_train_length=8)
     for variant, values in (("softmax", (100, 10, 0)), ("asentmax", (100, 90, 40))):
         for seed in (0, 1):
             for length, value in zip((16, 32, 128), values, strict=True):
@@ -179,6 +227,25 @@ def test_results_table_plot_and_report(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a sparsa sweep"):
         results.load(tmp_path / "bad.json")
+
+
+def test_figures_and_tables_say_how_many_seeds_and_examples_each_point_is(tmp_path):
+    record = _record()
+    assert results.training_lengths(record) == (8, 16)
+    assert "exact match (%): mean of 2 seeds (0, 1), 10 examples per length and seed." in results.table(
+        record
+    )
+    for row in record["results"]:
+        row.update(support=3.0, summary_examples=4)
+    note = results.sample_note(record, "support")
+    assert (
+        note
+        == "mean of 2 seeds (0, 1), 4 examples (their answer rows, over layers and heads) per length and seed"
+    )
+    assert "support.png" in [p.name for p in results.report(record, tmp_path)]
+    del record["min_train_length"]
+    assert results.training_lengths(record) == (16, 16)
+    assert "# copy (trained on length 16)" in (results.report(record, tmp_path)[0]).read_text()
 
 
 def test_cli_train_eval_sweep_report_and_tasks(tmp_path, capsys):
@@ -214,17 +281,108 @@ def test_cli_train_eval_sweep_report_and_tasks(tmp_path, capsys):
     assert "mqmtar" in out and "| softmax |" in out
 
 
+SMALL_RUN = ["--task-option", "vocab=6", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
+             "--min-length", "3", "--max-length", "4", "--batch-size", "2", "--val-examples", "2",
+             "--eval-every", "3", "--checkpoint-every", "3", "--log-every", "2", "--quiet",
+             "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *SMALL_RUN, "--steps", "6", "--out", str(run)]) == 0
+    return run
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["train", "--out", "x", "--task", "nosuch"], "unknown task"),
         (["train", "--out", "x", "--task-option", "vocab"], "KEY=VALUE"),
         (["train", "--out", "x", "--min-length", "9", "--max-length", "4"], "min_length"),
+        (["train", "--out", "x", "--task-option", "vocab=abc"], "option vocab takes an integer, got 'abc'"),
+        (["train", "--out", "x", "--steps", "50", "--warmup-steps", "150"], "warmup_steps"),
+        (["train", "--out", "x", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["train", "--out", "nosuch", "--resume"], "no run in nosuch"),
+        (["eval", "{run}", "--examples", "0"], "argument --examples: must be at least 1, got 0"),
+        (["eval", "{run}", "--examples", "-3"], "argument --examples: must be at least 1, got -3"),
+        (["eval", "{run}", "--lengths", "4", "y"], "argument --lengths: expected an integer, got 'y'"),
+        (["tasks", "export", "copy", "--length", "-4", "--out", "x"], "argument --length: must be at least"),
+        (["tasks", "export", "copy", "--length", "4", "--examples", "0", "--out", "x"], "--examples"),
+        (["tasks", "export", "copy", "--task-option", "distinct=1", "--task-option", "vocab=3",
+          "--length", "4", "--out", "x"], "sparsa tasks export: copy: distinct symbols need length <= vocab"),
+        (["report", "{run}/nosuch.json"], "no results file"),
+        (["report", "{run}/run.json"], "not a sparsa sweep result"),
+        (["train", "--out", "{run}", "--resume", "--lr", "0.5"], "differ from the run's: ['lr']"),
     ],
-)
-def test_cli_errors_name_the_problem(argv, message, capsys):
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+)  # fmt: skip
+def test_cli_errors_are_one_line_that_names_the_problem(argv, message, finished_run, capsys, tmp_path):
+    argv = [a.format(run=finished_run) for a in argv]
+    argv = [str(tmp_path / a) if a in ("x", "nosuch") else a for a in argv]
+    message = message.replace("nosuch", str(tmp_path / "nosuch"))
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert message in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_resumes_from_the_run_folder_alone_and_extends_a_finished_run(tmp_path, capsys, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert "is finished: it trained all 6 steps" in capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--steps", "8", "--quiet"]) == 0
+    assert RunConfig.load(run) == dataclasses.replace(RunConfig.load(finished_run), steps=8)
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 8
+
+
+def test_cli_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    restore = _stop_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert main(["train", *SMALL_RUN, "--steps", "6", "--out", str(run)]) == 130
+    restore()
+    error = capsys.readouterr().err
+    assert error.strip() == (
+        f"sparsa train: stopped after step 4; {run / CHECKPOINT} holds step 4. "
+        f"Continue with sparsa train --out {run} --resume."
+    )
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 6
+
+
+def test_a_failed_export_leaves_no_file_behind(tmp_path, monkeypatch, capsys):
+    import sparsa.tasks
+
+    original = sparsa.tasks.sample
+
+    def fail_at_second(task, seed, split, length, index):
+        if index == 1:
+            raise ValueError("disk full")
+        return original(task, seed, split, length, index)
+
+    monkeypatch.setattr(sparsa.tasks, "sample", fail_at_second)
+    out = tmp_path / "x.jsonl"
+    assert main(["tasks", "export", "copy", "--length", "4", "--examples", "3", "--out", str(out)]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_of_several_results_writes_each_to_its_own_folder(tmp_path, capsys):
+    first, second = _record(), _record()
+    second["task"] = "reverse"
+    results.write(first, tmp_path / "copy" / "results.json")
+    results.write(second, tmp_path / "other" / "copy" / "results.json")
+    out = tmp_path / "report"
+    paths = [str(tmp_path / "copy" / "results.json"), str(tmp_path / "other" / "copy" / "results.json")]
+    assert main(["report", *paths, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["copy", "copy-2"]
+    assert "# copy " in (out / "copy" / "table.md").read_text()
+    assert "# reverse " in (out / "copy-2" / "table.md").read_text()
 
 
 def test_every_command_has_help(capsys):
@@ -249,7 +407,7 @@ def test_the_demo_evaluates_the_shipped_models(tmp_path, monkeypatch):
 def test_the_demo_retrains_with_the_sweep(tmp_path, monkeypatch):
     demo = importlib.import_module("sparsa.experiments.demo")
     tiny = _config(
-        task="copy", task_options={"vocab": 64, "distinct": 1}, min_length=8, max_length=16, steps=2
+        task="copy", task_options={"vocab": 64, "distinct": 1}, min_length=8, max_length=16, steps=3
     )
     monkeypatch.setattr(demo, "demo_config", lambda: tiny)
     monkeypatch.setattr(demo, "DEMO_LENGTHS", [16])

@@ -146,8 +146,23 @@ def test_local_count_and_nback_labels():
         ("mqmtar", {"density": 0.0}, "density"),
         ("mqmtar", {"n_keys": 10**6}, "n_keys"),
         ("nosuchtask", {}, "unknown task"),
+        ("copy", {"vocab": "abc"}, "option vocab takes an integer, got 'abc'"),
+        ("copy", {"vocab": "1.5"}, "option vocab takes an integer"),
+        ("copy", {"vocab": 1.5}, "option vocab takes an integer"),
+        ("copy", {"vocab": True}, "option vocab takes an integer"),
+        ("flipflop", {"p_write": "often"}, "option p_write takes a number"),
     ],
 )
 def test_bad_task_parameters_are_named(name, options, message):
     with pytest.raises(ValueError, match=message):
         make_task(name, **options)
+
+
+def test_task_options_given_as_text_are_cast_to_their_types():
+    assert make_task("copy", vocab="12", distinct=1.0) == make_task("copy", vocab=12, distinct=1)
+    assert make_task("flipflop", p_write="0.25").p_write == 0.25
+
+
+def test_a_negative_length_is_refused_by_name_before_sampling():
+    with pytest.raises(ValueError, match="length must be >= 1, got -4"):
+        sample(make_task("copy"), 0, "test", -4, 0)

@@ -10,13 +10,18 @@ from pathlib import Path
 from ._version import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake gets one line that names the argument, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.options import add_run_options
+    from .experiments.options import add_run_options, non_negative_int, positive_int
     from .experiments.variants import DEMO_VARIANTS, VARIANTS
 
-    parser = argparse.ArgumentParser(
-        prog="sparsa", description="Sparse, length-robust attention for PyTorch."
-    )
+    parser = _Parser(prog="sparsa", description="Sparse, length-robust attention for PyTorch.")
     parser.add_argument("--version", action="version", version=f"sparsa {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -32,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train the models from scratch instead of loading the shipped ones",
     )
-    demo.add_argument("--examples", type=int, default=None, help="examples per length (default: the demo's)")
+    demo.add_argument(
+        "--examples", type=positive_int, default=None, help="examples per length (default: the demo's)"
+    )
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(run=_demo)
@@ -41,13 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train one model on a task (resumable, torchrun-ready)",
         description="Train a decoder-only model on a synthetic task. Writes run.json, log.jsonl, "
-        "checkpoint.pt and the best model on the validation length to OUT/model. Under "
-        "`torchrun --nproc_per_node N` the same command trains with DistributedDataParallel "
-        "on the same global batch.",
+        "checkpoint.pt and the best model on the validation length to OUT/model. Ctrl-C stops after "
+        "the running step and writes a checkpoint; `sparsa train --out OUT --resume` continues it "
+        "with the settings in OUT/run.json. Under `torchrun --nproc_per_node N` the same command "
+        "trains with DistributedDataParallel on the same global batch.",
     )
     add_run_options(train)
     train.add_argument("--out", required=True, help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with its saved settings; "
+        "--steps larger than the run's extends it",
+    )
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
@@ -57,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", help="run folder (with run.json) or model folder")
     evaluate.add_argument(
-        "--lengths", type=int, nargs="+", default=None, help="default: 1x..64x training length"
+        "--lengths", type=positive_int, nargs="+", default=None, help="default: 1x..64x training length"
     )
-    evaluate.add_argument("--examples", type=int, default=100, help="examples per length; default 100")
+    evaluate.add_argument(
+        "--examples", type=positive_int, default=100, help="examples per length; default 100"
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the test examples")
     evaluate.add_argument(
-        "--summary-examples", type=int, default=4, help="examples for the attention statistics"
+        "--summary-examples", type=non_negative_int, default=4, help="examples for the attention statistics"
     )
     evaluate.add_argument("--out", default=None, help="write results.json, table.md and plots here")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -86,18 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; default 0")
     sweep.add_argument(
-        "--lengths", type=int, nargs="+", default=None, help="default: 1x..64x training length"
+        "--lengths", type=positive_int, nargs="+", default=None, help="default: 1x..64x training length"
     )
-    sweep.add_argument("--examples", type=int, default=100, help="test examples per length; default 100")
     sweep.add_argument(
-        "--summary-examples", type=int, default=4, help="examples for the attention statistics"
+        "--examples", type=positive_int, default=100, help="test examples per length; default 100"
+    )
+    sweep.add_argument(
+        "--summary-examples", type=non_negative_int, default=4, help="examples for the attention statistics"
     )
     sweep.add_argument("--out", required=True, help="sweep folder")
     sweep.set_defaults(run=_sweep)
 
     report = commands.add_parser("report", help="tables and plots from results.json files")
     report.add_argument("results", nargs="+", help="results.json files of sweeps")
-    report.add_argument("--out", default=None, help="output folder (default: beside each results file)")
+    report.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: beside each results file); with several results files, "
+        "each gets a subfolder named after the folder that holds it",
+    )
     report.set_defaults(run=_report)
 
     tasks = commands.add_parser("tasks", help="list the tasks or export examples to a JSONL file")
@@ -110,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--task-option", action="append", default=[], metavar="KEY=VALUE", help="task parameter"
     )
-    export.add_argument("--length", type=int, required=True, help="task length")
-    export.add_argument("--examples", type=int, default=100, help="number of examples")
+    export.add_argument("--length", type=positive_int, required=True, help="task length")
+    export.add_argument("--examples", type=positive_int, default=100, help="number of examples; default 100")
     export.add_argument("--seed", type=int, default=0, help="seed")
     export.add_argument(
         "--split", default="test", choices=["train", "validation", "test", "export"], help="split"
@@ -150,10 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .experiments.options import run_config
-    from .experiments.train import train
+    from .experiments.options import resumed_config, run_config
+    from .experiments.train import RunConfig, train, trained_steps
 
-    model_dir = train(run_config(args), args.out, resume=args.resume, device=args.device, quiet=args.quiet)
+    out = Path(args.out)
+    if args.resume:
+        config = resumed_config(args, RunConfig.load(out))
+        done = trained_steps(out)
+        if done >= config.steps:
+            print(
+                f"{out} is finished: it trained all {done} steps. "
+                f"To train it further, resume with --steps larger than {done}."
+            )
+            return 0
+    else:
+        config = run_config(args)
+    model_dir = train(config, out, resume=args.resume, device=args.device, quiet=args.quiet)
     print(f"best model on validation: {model_dir}")
     return 0
 
@@ -164,12 +198,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .experiments.train import MODEL_DIR, RUN_FILE, RunConfig
 
     folder = Path(args.model)
-    run_file = folder / RUN_FILE if (folder / RUN_FILE).exists() else folder.parent / RUN_FILE
-    if not run_file.exists():
-        raise SystemExit(f"sparsa eval: no {RUN_FILE} in {folder} or its parent: cannot tell the task")
-    config = RunConfig.from_dict(json.loads(run_file.read_text()))
+    run_folder = folder if (folder / RUN_FILE).exists() else folder.parent
+    if not (run_folder / RUN_FILE).exists():
+        raise FileNotFoundError(f"no {RUN_FILE} in {folder} or its parent: cannot tell the task")
+    config = RunConfig.load(run_folder)
     model_dir = folder / MODEL_DIR if (folder / MODEL_DIR).exists() else folder
-    record = new_record(config.task, config.task_options, config.max_length)
+    record = new_record(
+        config.task, config.task_options, config.max_length, min_train_length=config.min_length
+    )
     out = Path(args.out) if args.out else None
     evaluate_into(
         record,
@@ -195,7 +231,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from .experiments.results import table
     from .experiments.sweep import sweep
 
-    for task in args.tasks or [args.task]:
+    for task in args.tasks or [args.task or "copy"]:
         args.task = task
         base = run_config(args, variant=args.variants[0], seed=args.seeds[0])
         record = sweep(
@@ -207,7 +243,7 @@ def _sweep(args: argparse.Namespace) -> int:
             examples=args.examples,
             summary_examples=args.summary_examples,
             device=args.device,
-            preset=args.preset,
+            preset=args.preset or "demo",
             quiet=args.quiet,
         )
         print(table(record))
@@ -217,12 +253,31 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .experiments.results import load, report, table
 
-    for path in args.results:
+    paths = [Path(p) for p in args.results]
+    for path, folder in zip(paths, _report_folders(paths, args.out), strict=True):
         record = load(path)
-        written = report(record, args.out or Path(path).parent)
+        written = report(record, folder)
         print(table(record))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _report_folders(paths: list[Path], out: str | None) -> list[Path]:
+    """Where each report goes: beside its results, in ``out``, or (several results) a subfolder each."""
+    if out is None:
+        return [p.parent for p in paths]
+    if len(paths) == 1:
+        return [Path(out)]
+    folders, taken = [], set()
+    for path in paths:
+        name = path.resolve().parent.name or "results"
+        unique, count = name, 1
+        while unique in taken:
+            count += 1
+            unique = f"{name}-{count}"
+        taken.add(unique)
+        folders.append(Path(out) / unique)
+    return folders
 
 
 def _tasks_list(args: argparse.Namespace) -> int:
@@ -241,19 +296,25 @@ def _tasks_export(args: argparse.Namespace) -> int:
     from .tasks import make_task, sample
 
     task = make_task(args.task, **parse_task_options(args.task_option))
+    task.check_length(args.length)
     names = task.token_names()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as file:
-        for index in range(args.examples):
-            e = sample(task, args.seed, args.split, args.length, index)
-            line = {
-                "tokens": e.tokens.tolist(),
-                "labels": e.labels.tolist(),
-                "prompt_length": e.prompt,
-                "text": " ".join(names[t] for t in e.tokens),
-            }
-            file.write(json.dumps(line) + "\n")
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with partial.open("w") as file:
+            for index in range(args.examples):
+                e = sample(task, args.seed, args.split, args.length, index)
+                line = {
+                    "tokens": e.tokens.tolist(),
+                    "labels": e.labels.tolist(),
+                    "prompt_length": e.prompt,
+                    "text": " ".join(names[t] for t in e.tokens),
+                }
+                file.write(json.dumps(line) + "\n")
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"wrote {args.examples} examples of {args.task} at length {args.length} to {out}")
     return 0
 
@@ -271,11 +332,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .experiments.train import TrainingInterrupted
+
+    command = " ".join(c for c in (args.command, getattr(args, "tasks_command", None)) if c)
     try:
         return args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"sparsa {args.command}: {error}", file=sys.stderr)
+        print(f"sparsa {command}: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        print(_interrupted_message(args.command, stopped), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"sparsa {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _interrupted_message(command: str, stopped) -> str:
+    from .experiments.train import CHECKPOINT
+
+    if stopped.saved_step is None:
+        saved = "no checkpoint was written yet, so it starts again from step 0"
+    else:
+        saved = f"{stopped.out / CHECKPOINT} holds step {stopped.saved_step}"
+    again = "the same command" if command == "sweep" else f"sparsa train --out {stopped.out} --resume"
+    return f"sparsa {command}: stopped after step {stopped.step}; {saved}. Continue with {again}."
 
 
 if __name__ == "__main__":

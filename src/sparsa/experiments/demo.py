@@ -32,7 +32,7 @@ DEMO_STEPS = 3000
 
 def demo_config() -> RunConfig:
     settings = preset("demo")
-    settings["train"].update(steps=DEMO_STEPS, warmup_steps=DEMO_STEPS // 10)
+    settings["train"].update(steps=DEMO_STEPS)
     return RunConfig(
         task="copy",
         task_options={"vocab": 1024, "distinct": 1},

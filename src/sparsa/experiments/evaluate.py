@@ -46,6 +46,10 @@ def evaluate(
     normalised entropy and support size over heads, layers and the answer
     rows of that many examples.
     """
+    if examples < 1:
+        raise ValueError(f"examples must be >= 1, got {examples}")
+    if summary_examples < 0:
+        raise ValueError(f"summary_examples must be >= 0, got {summary_examples}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -74,6 +78,7 @@ def evaluate(
     }
     if summary_examples:
         result.update(attention_summary(model, data[:summary_examples], device))
+        result["summary_examples"] = min(summary_examples, len(data))
     model.train(was_training)
     return result
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..layers.scaling import SCALINGS
-from .train import RunConfig
+from .train import RESUMABLE_CHANGES, RunConfig
 from .variants import PRESETS, VARIANTS, preset
 
 MODEL_OPTIONS = {
@@ -24,7 +25,7 @@ TRAIN_OPTIONS = {
     "steps": (int, "optimizer steps"),
     "batch_size": (int, "global batch size (split over torchrun processes)"),
     "lr": (float, "peak learning rate of AdamW"),
-    "warmup_steps": (int, "linear warmup steps before the cosine decay"),
+    "warmup_steps": (int, "linear warmup steps before the cosine decay (default: a tenth of the steps)"),
     "min_lr_ratio": (float, "final learning rate as a fraction of lr"),
     "weight_decay": (float, "AdamW weight decay"),
     "grad_clip": (float, "gradient-norm clipping"),
@@ -36,66 +37,134 @@ TRAIN_OPTIONS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+    return value
+
+
+def _option_type(kind: type, name: str):
+    if kind is not int:
+        return kind
+    return non_negative_int if name == "warmup_steps" else positive_int
+
+
 def add_run_options(parser: argparse.ArgumentParser, *, variant: bool = True) -> None:
-    parser.add_argument("--task", default="copy", help="task name (see `sparsa tasks list`); default copy")
+    """The options of a run; every one defaults to None, so a resumed run knows which were typed."""
+    parser.add_argument("--task", default=None, help="task name (see `sparsa tasks list`); default copy")
     parser.add_argument(
         "--task-option",
         action="append",
-        default=[],
+        default=None,
         metavar="KEY=VALUE",
         help="a task parameter, e.g. --task-option vocab=16 (repeatable; see `sparsa tasks list`)",
     )
     if variant:
         parser.add_argument(
             "--variant",
-            default="asentmax",
+            default=None,
             choices=list(VARIANTS),
             help="attention variant; default asentmax",
         )
-        parser.add_argument("--seed", type=int, default=0, help="seed of the data order and initialisation")
+        parser.add_argument(
+            "--seed", type=int, default=None, help="seed of the data order and initialisation; default 0"
+        )
     parser.add_argument(
         "--preset",
-        default="demo",
+        default=None,
         choices=list(PRESETS),
         help="model size and training defaults; default demo",
     )
     model = parser.add_argument_group("model (override the preset)")
     for name, (kind, text) in MODEL_OPTIONS.items():
-        model.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+        model.add_argument(
+            "--" + name.replace("_", "-"), type=_option_type(kind, name), default=None, help=text
+        )
     model.add_argument("--alpha", type=float, default=None, help="entmax alpha, overriding the variant's")
     model.add_argument("--scaling", choices=[*SCALINGS, "none"], default=None, help="overrides the variant's")
     training = parser.add_argument_group("training (override the preset)")
     for name, (kind, text) in TRAIN_OPTIONS.items():
-        training.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+        training.add_argument(
+            "--" + name.replace("_", "-"), type=_option_type(kind, name), default=None, help=text
+        )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def parse_task_options(pairs: list[str]) -> dict:
+def parse_task_options(pairs: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE pairs as text; the task casts each value to its parameter's type."""
     options = {}
-    for pair in pairs:
+    for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key or not value:
             raise ValueError(f"--task-option takes KEY=VALUE, got {pair!r}")
-        options[key] = float(value) if any(c in value for c in ".eE") else int(value)
+        options[key] = value
     return options
 
 
 def run_config(args: argparse.Namespace, variant: str | None = None, seed: int | None = None) -> RunConfig:
-    chosen = preset(args.preset)
-    model = dict(chosen["model"])
-    model.update({k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None})
+    """A new run from the command line: the preset, then every option given."""
+    chosen = preset(args.preset or "demo")
+    return RunConfig(
+        task=args.task or "copy",
+        task_options=parse_task_options(args.task_option),
+        variant=variant or getattr(args, "variant", None) or "asentmax",
+        model={**chosen["model"], **_model_options(args)},
+        seed=next(s for s in (seed, getattr(args, "seed", None), 0) if s is not None),
+        **{**chosen["train"], **_train_options(args)},
+    )
+
+
+def resumed_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
+    """The saved run with the options typed now; only RESUMABLE_CHANGES may differ from it."""
+    typed = _train_options(args)
+    if args.preset is not None:
+        chosen = preset(args.preset)
+        typed = {**chosen["train"], **typed, "model": {**saved.model, **chosen["model"]}}
+    if args.task is not None:
+        typed["task"] = args.task
+    if args.task_option is not None:
+        typed["task_options"] = parse_task_options(args.task_option)
+    for name in ("variant", "seed"):
+        if getattr(args, name, None) is not None:
+            typed[name] = getattr(args, name)
+    model = _model_options(args)
+    if model:
+        typed["model"] = {**typed.get("model", saved.model), **model}
+    config = dataclasses.replace(saved, **typed)
+    changed = [
+        k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume continues a run as it was set up; these options differ from the run's: {changed}; "
+            f"leave them out (the run folder holds them) or train into a new --out"
+        )
+    return config
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    model = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     if args.alpha is not None:
         model["alpha"] = args.alpha
     if args.scaling is not None:
         model["scaling"] = None if args.scaling == "none" else args.scaling
-    train = dict(chosen["train"])
-    train.update({k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
-    return RunConfig(
-        task=args.task,
-        task_options=parse_task_options(args.task_option),
-        variant=variant or args.variant,
-        model=model,
-        seed=args.seed if seed is None else seed,
-        **train,
-    )
+    return model
+
+
+def _train_options(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}

@@ -15,11 +15,15 @@ METRICS = {
 }
 
 
-def new_record(task: str, task_options: dict, train_length: int, preset: str | None = None) -> dict:
+def new_record(
+    task: str, task_options: dict, train_length: int, preset: str | None = None, *, min_train_length: int
+) -> dict:
+    """An empty record; training covered lengths min_train_length..train_length."""
     return {
         "task": task,
         "task_options": task_options,
         "train_length": train_length,
+        "min_train_length": min_train_length,
         "preset": preset,
         "results": [],
     }
@@ -36,7 +40,15 @@ def write(record: dict, path: str | Path) -> Path:
 
 
 def load(path: str | Path) -> dict:
-    record = json.loads(Path(path).read_text())
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {path}")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not a sparsa sweep result (not JSON)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a sparsa sweep result (not a JSON object)")
     for key in ("task", "train_length", "results"):
         if key not in record:
             raise ValueError(f"{path} is not a sparsa sweep result (no {key!r})")
@@ -68,32 +80,89 @@ def table(record: dict, metric: str = "exact_match") -> str:
     for variant in variants:
         cells = [f"{means[variant, n]:.{digits}f}" if (variant, n) in means else "" for n in lengths]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    seeds = sorted({row["seed"] for row in record["results"]})
-    return "\n".join(lines) + f"\n\n{METRICS[metric]}, mean over seeds {seeds}.\n"
+    return "\n".join(lines) + f"\n\n{METRICS[metric]}: {sample_note(record, metric)}.\n"
+
+
+LOG_SCALE_METRICS = ("support",)
+"""Metrics that span orders of magnitude over the lengths; a linear axis would hide the small values."""
+
+ATTENTION_METRICS = ("max_weight", "entropy", "support")
+"""Measured on the answer rows of ``summary_examples`` examples per length, not on every test example."""
+
+
+MARKERS = "osD^vP*X"
+LINE_STYLES = ("-", "--", "-.", ":")
+"""Each variant gets its own marker and dash, so a line drawn under another stays visible."""
+
+
+def training_lengths(record: dict) -> tuple[int, int]:
+    """The shortest and longest training length (records written before the range give the longest twice)."""
+    return record.get("min_train_length") or record["train_length"], record["train_length"]
+
+
+def sample_note(record: dict, metric: str) -> str:
+    """How many seeds and examples stand behind each point of ``metric``, for a figure or a table."""
+    rows = [row for row in record["results"] if metric in row]
+    seeds = sorted({row["seed"] for row in rows})
+    key = "summary_examples" if metric in ATTENTION_METRICS else "examples"
+    counts = sorted({row[key] for row in rows if key in row})
+    examples = "/".join(str(c) for c in counts) or "?"
+    what = "examples (their answer rows, over layers and heads)" if key == "summary_examples" else "examples"
+    seed_text = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
+    mean = "mean of " if len(seeds) > 1 else ""
+    return f"{mean}{seed_text}, {examples} {what} per length and seed"
 
 
 def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
-    """Accuracy (or another metric) against length on a log axis, one line per variant."""
+    """``metric`` against length on a log axis: one line per variant (mean over seeds), a dot per seed.
+
+    The legend sits outside the axes so it covers no curve; the shaded band
+    is the range of training lengths; the subtitle says how many seeds and
+    examples each point is.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants, lengths, means = _means(record, metric)
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for variant in variants:
+    figure, axes = plt.subplots(figsize=(8.0, 4.4))
+    for index, variant in enumerate(variants):
         xs = [n for n in lengths if (variant, n) in means]
-        axes.plot(xs, [means[variant, n] for n in xs], marker="o", label=variant)
-        for row in record["results"]:
-            if row["variant"] == variant and metric in row:
-                axes.scatter(row["length"], row[metric], s=8, alpha=0.3, color=axes.lines[-1].get_color())
+        (line,) = axes.plot(
+            xs,
+            [means[variant, n] for n in xs],
+            marker=MARKERS[index % len(MARKERS)],
+            linestyle=LINE_STYLES[index % len(LINE_STYLES)],
+            markerfacecolor="none" if index % 2 else None,
+            label=variant,
+        )
+        seeds = [row for row in record["results"] if row["variant"] == variant and metric in row]
+        axes.scatter(
+            [row["length"] for row in seeds],
+            [row[metric] for row in seeds],
+            s=10,
+            alpha=0.35,
+            color=line.get_color(),
+        )
+    if len({row["seed"] for row in record["results"]}) > 1:
+        axes.scatter([], [], s=10, alpha=0.35, color="black", label="one seed")
+    shortest, longest = training_lengths(record)
+    if shortest < longest:
+        axes.axvspan(
+            shortest, longest, color="grey", alpha=0.2, label=f"training lengths {shortest}-{longest}"
+        )
+    else:
+        axes.axvline(longest, color="grey", linestyle=":", label=f"training length {longest}")
     axes.set_xscale("log", base=2)
-    axes.axvline(record["train_length"], color="grey", linestyle=":", label="training length")
-    axes.set_xlabel("evaluation length (tokens of the task)")
+    if metric in LOG_SCALE_METRICS:
+        axes.set_yscale("log")
+    axes.set_xlabel("evaluation length (the task's length: symbols, pairs, ...; log scale)")
     axes.set_ylabel(METRICS[metric])
-    axes.set_title(f"{record['task']}: trained up to length {record['train_length']}")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    figure.suptitle(f"{record['task']}: {METRICS[metric]} against length", fontsize=11)
+    axes.set_title(sample_note(record, metric), fontsize=8.5, color="dimgrey")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +176,9 @@ def report(record: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     present = [m for m in METRICS if any(m in row for row in record["results"])]
-    sections = [f"# {record['task']} (trained up to length {record['train_length']})\n"]
+    shortest, longest = training_lengths(record)
+    trained = f"lengths {shortest}-{longest}" if shortest < longest else f"length {longest}"
+    sections = [f"# {record['task']} (trained on {trained})\n"]
     sections += [f"## {METRICS[m]}\n\n{table(record, m)}" for m in present]
     written = [out / "table.md"]
     written[0].write_text("\n".join(sections))

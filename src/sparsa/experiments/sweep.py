@@ -47,7 +47,9 @@ def sweep(
     path = out / "results.json"
     record = results.load(path) if path.exists() else None
     if record is None or record["task"] != base.task or record["train_length"] != base.max_length:
-        record = results.new_record(base.task, base.task_options, base.max_length, preset)
+        record = results.new_record(
+            base.task, base.task_options, base.max_length, preset, min_train_length=base.min_length
+        )
     done = {(r["variant"], r["seed"], r["length"]) for r in record["results"]}
     main_process = int(os.environ.get("RANK", "0")) == 0
     for variant in variants:
@@ -91,7 +93,9 @@ def evaluate_models(
 ) -> dict:
     """Evaluate saved models (variant -> model folder) at ``lengths``; writes results.json and the report."""
     out = Path(out)
-    record = results.new_record(config.task, config.task_options, config.max_length)
+    record = results.new_record(
+        config.task, config.task_options, config.max_length, min_train_length=config.min_length
+    )
     for variant, folder in models.items():
         evaluate_into(
             record,

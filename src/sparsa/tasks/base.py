@@ -94,6 +94,7 @@ def example_rng(seed: int, split: str, length: int, index: int) -> np.random.Gen
 
 def sample(task: Task, seed: int, split: str, length: int, index: int) -> Example:
     """Example ``index`` of ``split`` at ``length``: the same on every machine for the same arguments."""
+    task.check_length(length)
     return task.example(example_rng(seed, split, length, index), length)
 
 
@@ -108,19 +109,40 @@ def register(cls: type[Task]) -> type[Task]:
 
 
 def make_task(name: str, **parameters) -> Task:
-    """The task ``name`` with ``parameters`` (names as in its dataclass; values cast to their types)."""
+    """The task ``name`` with ``parameters`` (names as in its dataclass; see ``task_parameters``)."""
+    typed = task_parameters(name, parameters)
+    return TASKS[name](**typed)
+
+
+def task_parameters(name: str, parameters: dict) -> dict:
+    """``parameters`` of task ``name`` cast to their fields' types; text such as "8" or "0.5" is parsed.
+
+    An integer field takes an integer, a whole float or its text and nothing
+    else, so that ``vocab=1.5`` is refused rather than truncated.
+    """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-    cls = TASKS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(TASKS[name])}
     unknown = sorted(set(parameters) - set(fields))
     if unknown:
         raise ValueError(f"task {name!r} has no parameter {unknown}; its parameters: {sorted(fields)}")
     typed = {}
     for key, value in parameters.items():
         kind = type(fields[key].default)
-        try:
-            typed[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"task {name!r}: {key} must be {kind.__name__}, got {value!r}") from None
-    return cls(**typed)
+        typed[key] = _cast(value, kind)
+        if typed[key] is None:
+            expected = "an integer" if kind is int else "a number"
+            raise ValueError(f"task {name!r}: option {key} takes {expected}, got {value!r}")
+    return typed
+
+
+def _cast(value, kind: type) -> int | float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value) if kind is float else (int(value) if isinstance(value, str) else value)
+    except ValueError:
+        return None
+    if kind is int and isinstance(number, float):
+        return int(number) if number.is_integer() else None
+    return number if isinstance(number, int | float) else None
