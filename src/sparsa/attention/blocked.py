@@ -5,7 +5,7 @@ Queries are processed in blocks; a block's scores against the keys it can see
 by the row-level entmax of :mod:`sparsa.normalize` (which iterates on the
 candidate keys the sparsity certificate leaves), multiplied by V and dropped.
 Only the row maxima and thresholds (m, s) are kept, O(Nq) per head; the
-backward recomputes each block's weights from them (REFERENCE.md section 2):
+backward recomputes each block's weights from them (docs/mathematics.md, section 3):
 
     dP = dO V^T,  dS = g * (dP - sum(g dP) / sum(g)),  g = P^(2-alpha)
     dQ = scale dS K,  dK += scale dS^T Q,  dV += P^T dO

@@ -50,7 +50,7 @@ class ASEntmaxScale(_ASEntmaxFormula):
     with scale 1 + beta_init, close to 1 and independent of n. With default
     random initialisation the scale at n = 64 spans about 1.7 to 19 across rows;
     rows near hard-max pass no gradient to their keys and training stalls on a
-    plateau (REFERENCE.md section 3). Zero weights still receive gradients, so
+    plateau (docs/mathematics.md, section 4). Zero weights still receive gradients, so
     the dependence on x and on log n is learnt from the first step.
     """
 

@@ -1,7 +1,7 @@
 """The entries a threshold solver iterates on: whole rows, or the blocks that can matter.
 
 An entry whose shifted score y = (alpha-1)(x - m) lies at or below a lower bound
-of the shifted threshold has weight zero (REFERENCE.md section 1: -1 is always
+of the shifted threshold has weight zero (docs/mathematics.md, section 1: -1 is always
 such a bound, and every solver step from the left gives a tighter one). Rows
 are cut into blocks of ``BLOCK`` entries; once a bound rules out all but a
 small fraction of every row's blocks, the kept blocks are gathered into a

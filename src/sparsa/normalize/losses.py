@@ -1,4 +1,4 @@
-"""Fenchel-Young losses of the entmax family (REFERENCE.md section 1).
+"""Fenchel-Young losses of the entmax family (docs/mathematics.md, section 2).
 
 L(z, y) = H_alpha(p) + <p, z> - z_y with p = entmax_alpha(z) and the Tsallis
 entropy H_alpha(p) = (1 - sum p^alpha) / (alpha (alpha-1)) (Shannon entropy at

@@ -3,7 +3,7 @@
 softmax (alpha = 1), 1.5-entmax, sparsemax (alpha = 2) and alpha-entmax for any
 alpha >= 1, with alpha a float or a tensor (one alpha per row, learnable).
 Each map is an autograd.Function that saves only its output and uses the
-closed-form gradient (REFERENCE.md section 1): with g = p^(2-alpha) on the
+closed-form gradient (docs/mathematics.md, section 2): with g = p^(2-alpha) on the
 support, dx = g * dp - g * sum(g * dp) / sum(g).
 """
 

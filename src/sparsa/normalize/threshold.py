@@ -1,7 +1,7 @@
 """The threshold tau of alpha-entmax and the algorithms that find it.
 
 For a row x and alpha > 1, entmax_alpha(x)_i = [(alpha-1) x_i - tau]_+^(1/(alpha-1))
-with tau chosen so that the weights sum to one (REFERENCE.md section 1).
+with tau chosen so that the weights sum to one (docs/mathematics.md, section 1).
 
 The solvers work on one block of rows in shifted units y = (alpha-1)(x - m),
 m the row maximum, so the largest y is 0 and the shifted threshold
