@@ -355,6 +355,18 @@ def test_cli_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, cap
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 6
 
 
+def test_a_stopped_sweep_continues_with_the_same_command(tmp_path, capsys, monkeypatch):
+    argv = ["sweep", *SMALL_RUN, "--steps", "6", "--variants", "entmax", "--lengths", "4", "--examples", "2",
+            "--out", str(tmp_path / "sweep")]  # fmt: skip
+    restore = _stop_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert main(argv) == 130
+    restore()
+    assert capsys.readouterr().err.strip().endswith("holds step 4. Continue with the same command.")
+    assert main(argv) == 0
+    record = results.load(tmp_path / "sweep" / "copy" / "results.json")
+    assert [(r["variant"], r["length"]) for r in record["results"]] == [("entmax", 4)]
+
+
 def test_a_failed_export_leaves_no_file_behind(tmp_path, monkeypatch, capsys):
     import sparsa.tasks
 

@@ -355,7 +355,8 @@ def _interrupted_message(command: str, stopped) -> str:
         saved = "no checkpoint was written yet, so it starts again from step 0"
     else:
         saved = f"{stopped.out / CHECKPOINT} holds step {stopped.saved_step}"
-    again = "the same command" if command == "sweep" else f"sparsa train --out {stopped.out} --resume"
+    # A sweep (and the demo's retraining) resumes its unfinished runs when run again.
+    again = f"sparsa train --out {stopped.out} --resume" if command == "train" else "the same command"
     return f"sparsa {command}: stopped after step {stopped.step}; {saved}. Continue with {again}."
 
 

@@ -219,7 +219,9 @@ def _train(config: RunConfig, out: Path, resume: bool, cluster: distributed.Clus
     task = config.make_task()
     checkpoint_path = out / CHECKPOINT
     if checkpoint_path.exists() and not resume:
-        raise FileExistsError(f"{out} holds a run already: pass resume to continue it, or choose another out")
+        raise FileExistsError(
+            f"{out} holds a run already: continue it with resume (--resume), or choose another out"
+        )
     if resume:
         _check_resumable(config, out)
 
