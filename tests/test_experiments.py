@@ -314,6 +314,7 @@ def finished_run(tmp_path_factory):
         (["report", "{run}/nosuch.json"], "no results file"),
         (["report", "{run}/run.json"], "not a sparsa sweep result"),
         (["train", "--out", "{run}", "--resume", "--lr", "0.5"], "differ from the run's: ['lr']"),
+        (["eval", "{run}", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ],
 )  # fmt: skip
 def test_cli_errors_are_one_line_that_names_the_problem(argv, message, finished_run, capsys, tmp_path):
