@@ -1,8 +1,19 @@
-"""Attention: q, k, v -> output with alpha-entmax weights, dense or memory-efficient."""
+"""Attention: q, k, v -> output with alpha-entmax weights, dense or memory-efficient; paged decoding."""
 
 from .api import BACKENDS, attention
 from .diagnostics import WeightSummary, weight_summary
 from .masks import KeyPadding
+from .paged import DecodeStats, PagedKVCache, decode
 from .stats import AttentionStats
 
-__all__ = ["BACKENDS", "AttentionStats", "KeyPadding", "WeightSummary", "attention", "weight_summary"]
+__all__ = [
+    "BACKENDS",
+    "AttentionStats",
+    "DecodeStats",
+    "KeyPadding",
+    "PagedKVCache",
+    "WeightSummary",
+    "attention",
+    "decode",
+    "weight_summary",
+]

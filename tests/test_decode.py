@@ -1,0 +1,212 @@
+"""The paged KV cache and certified sparse decoding against dense attention over the same keys."""
+
+import importlib
+
+import pytest
+import torch
+
+import sparsa
+from sparsa.attention import KeyPadding, PagedKVCache, decode
+
+paged = importlib.import_module("sparsa.attention.paged")
+
+
+def _fill(keys, values, page_size, chunk=None):
+    """A cache holding keys[b] (Hkv, L_b, D), appended ``chunk`` tokens at a time (ragged, right padded)."""
+    batch, (kv_heads, _, dim) = len(keys), keys[0].shape
+    cache = PagedKVCache(batch, kv_heads, dim, value_dim=values[0].shape[-1], page_size=page_size,
+                         dtype=keys[0].dtype)  # fmt: skip
+    lengths = torch.tensor([k.shape[1] for k in keys])
+    chunk = chunk or max(1, int(lengths.max()))
+    done = torch.zeros_like(lengths)
+    while bool((done < lengths).any()):
+        counts = torch.clamp(lengths - done, 0, chunk)
+        k = keys[0].new_zeros(batch, kv_heads, chunk, dim)
+        v = values[0].new_zeros(batch, kv_heads, chunk, values[0].shape[-1])
+        for b in range(batch):
+            c, s = int(counts[b]), int(done[b])
+            k[b, :, :c], v[b, :, :c] = keys[b][:, s : s + c], values[b][:, s : s + c]
+        cache.append(k, v, KeyPadding(counts, "right"))
+        done += counts
+    return cache
+
+
+def _left_padded(rows):
+    width = max(r.shape[1] for r in rows)
+    out = rows[0].new_zeros(len(rows), rows[0].shape[0], width, rows[0].shape[2])
+    for b, r in enumerate(rows):
+        out[b, :, width - r.shape[1] :] = r
+    return out
+
+
+def _dense(q, keys, values, **options):
+    lengths = torch.tensor([k.shape[1] for k in keys])
+    return sparsa.attention(
+        q, _left_padded(keys), _left_padded(values), is_causal=True, attn_mask=KeyPadding(lengths, "left"),
+        backend="reference", return_stats=True, **options,
+    )  # fmt: skip
+
+
+@pytest.fixture(params=["auto", "sparse", "sparse-one-page-first"])
+def path(request, monkeypatch):
+    """auto: as shipped; sparse: never the dense path; one page first: the second read does the work."""
+    if request.param != "auto":
+        monkeypatch.setattr(paged, "DENSE_SHARE", float("inf"))
+    if request.param == "sparse-one-page-first":
+        monkeypatch.setattr(paged, "FIRST_GROUP_PAGES", 1)
+    return request.param
+
+
+def _check(q, keys, values, cache, atol=1e-5, **options):
+    out, stats = decode(q, cache, return_stats=True, **options)
+    expected, dense_stats = _dense(q, keys, values, **options)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=1e-4)
+    if not stats.dense:
+        assert torch.equal(stats.support, dense_stats.support)
+        assert bool((stats.support_pages <= stats.candidate_pages).all())
+        assert bool((stats.candidate_pages <= stats.pages_read).all())
+    assert bool((stats.pages_read <= stats.pages_visible).all())
+    return stats
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0, "per-head"])
+@pytest.mark.parametrize(("kv_heads", "group"), [(2, 1), (1, 4), (1, 8)])
+def test_decode_equals_dense_attention_on_random_ragged_caches(alpha, kv_heads, group, path):
+    torch.manual_seed(0)
+    heads = kv_heads * group
+    if alpha == "per-head":
+        alpha = torch.linspace(1.0, 2.0, heads)
+    lengths = [37, 5, 0, 20]
+    keys = [torch.randn(kv_heads, n, 8) for n in lengths]
+    values = [torch.randn(kv_heads, n, 8) for n in lengths]
+    cache = _fill(keys, values, page_size=4, chunk=3)
+    slopes = torch.linspace(0.5, 0.0, heads)
+    for n_q in (1, 3):
+        for alibi in (None, slopes):
+            q = 3 * torch.randn(4, heads, n_q, 8)
+            _check(q, keys, values, cache, alpha=alpha, alibi_slopes=alibi)
+
+
+def test_single_token_appends_and_one_prefill_give_the_same_cache():
+    torch.manual_seed(1)
+    keys, values = [torch.randn(2, 23, 8)], [torch.randn(2, 23, 8)]
+    one_by_one, prefill = _fill(keys, values, 5, chunk=1), _fill(keys, values, 5)
+    for name in ("keys", "values", "key_min", "key_max"):
+        used = getattr(prefill, name)[:, :, : prefill.pages(0)]
+        assert torch.equal(getattr(one_by_one, name)[:, :, : one_by_one.pages(0)], used)
+    assert torch.equal(one_by_one.lengths, prefill.lengths)
+
+
+def test_left_padded_chunks_append_their_real_tokens():
+    torch.manual_seed(2)
+    k, v = torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)
+    cache = PagedKVCache(2, 1, 4, page_size=4)
+    cache.append(k, v, KeyPadding(torch.tensor([6, 2]), "left"))
+    assert cache.lengths.tolist() == [6, 2]
+    assert torch.equal(cache.dense(0)[0][0], k[0]) and torch.equal(cache.dense(1)[0][0], k[1, :, 4:])
+
+
+def _adversarial_rows():
+    torch.manual_seed(3)
+    n, dim = 50, 8
+    equal = torch.ones(1, n, dim)
+    dominant = torch.randn(1, n, dim) * 0.1
+    dominant[0, 17] = 5.0
+    spread = torch.randn(1, n, dim) * 1e-3
+    tied = torch.zeros(1, n, dim)
+    tied[0, ::7, 0] = 1.0
+    return {"all keys equal": equal, "one dominant key": dominant, "support on every page": spread,
+            "ties at the threshold": tied}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_adversarial_rows()))
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_decode_equals_dense_on_adversarial_caches(case, alpha, path):
+    keys = [_adversarial_rows()[case]]
+    values = [torch.randn(1, keys[0].shape[1], 8)]
+    cache = _fill(keys, values, page_size=6)
+    q = torch.ones(1, 2, 1, 8)
+    _check(q, keys, values, cache, alpha=alpha, alibi_slopes=torch.tensor([0.0, 0.3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_caches_decode_as_dense_attention_does(dtype, path):
+    torch.manual_seed(4)
+    keys = [torch.randn(2, n, 16).to(dtype) for n in (40, 33)]
+    values = [torch.randn(2, n, 16).to(dtype) for n in (40, 33)]
+    cache = _fill(keys, values, page_size=8, chunk=7)
+    q = (3 * torch.randn(2, 4, 2, 16)).to(dtype)
+    out = decode(q, cache, alpha=1.5)
+    expected, _ = _dense(q, keys, values, alpha=1.5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def _sharp_cache(n=4096, page_size=16, kv_heads=2, dim=32, seed=5):
+    """Keys close to their page's centre and queries that match one centre: what min/max bounds certify."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(kv_heads, n // page_size, 1, dim, generator=generator)
+    noise = 0.05 * torch.randn(kv_heads, n // page_size, page_size, dim, generator=generator)
+    k = (centres + noise).reshape(1, kv_heads, n, dim)
+    v = torch.randn(1, kv_heads, n, dim, generator=generator)
+    cache = PagedKVCache(1, kv_heads, dim, page_size=page_size)
+    cache.append(k, v)
+    target = torch.randint(0, n // page_size, (kv_heads,), generator=generator)
+    q = 3.0 * centres[torch.arange(kv_heads), target, 0]
+    return cache, [k[0]], [v[0]], q[None, :, None, :]
+
+
+def test_a_sharp_cache_is_decoded_exactly_from_a_few_pages():
+    cache, keys, values, q = _sharp_cache()
+    stats = _check(q, keys, values, cache, alpha=1.5)
+    assert not stats.dense
+    assert int(stats.pages_read.max()) < 0.2 * cache.pages(0)
+    assert stats.bytes_read < 0.2 * 2 * keys[0].numel() * 4
+
+
+def test_softmax_reads_every_page():
+    cache, keys, values, q = _sharp_cache(n=256)
+    stats = _check(q, keys, values, cache, alpha=1.0)
+    assert torch.equal(stats.pages_read, stats.pages_visible)
+
+
+def test_max_dropped_mass_bounds_what_it_drops(monkeypatch):
+    monkeypatch.setattr(paged, "DENSE_SHARE", float("inf"))
+    torch.manual_seed(6)
+    keys, values = [torch.randn(2, 600, 16)], [torch.randn(2, 600, 16)]
+    cache = _fill(keys, values, page_size=8)
+    q = 2 * torch.randn(1, 2, 1, 16)
+    exact, exact_stats = decode(q, cache, alpha=1.25, return_stats=True)
+    assert float(exact_stats.dropped_mass_bound.max()) == 0.0
+    for eps in (1e-3, 0.05, 0.3):
+        out, stats = decode(q, cache, alpha=1.25, max_dropped_mass=eps, return_stats=True)
+        bound = stats.dropped_mass_bound
+        assert float(bound.max()) <= eps
+        assert bool((stats.pages_read <= exact_stats.pages_read).all())
+        # Dropping mass m and renormalising moves the output by at most 2 m max|v|.
+        error = (out - exact).abs().amax(-1)
+        assert bool((error <= 2 * bound * values[0].abs().max() + 1e-5).all())
+
+
+def test_bad_input_gets_a_clear_error():
+    cache = PagedKVCache(2, 2, 8, page_size=4)
+    cache.append(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8))
+    q = torch.randn(2, 4, 1, 8)
+    cases = [
+        (lambda: decode(torch.randn(2, 3, 1, 8), cache), "multiple of 2"),
+        (lambda: decode(torch.randn(2, 4, 1, 6), cache), "got (2, 4, 1, 6)"),
+        (lambda: decode(torch.randn(2, 4, 6, 8), cache), "6 queries; the cache's longest row holds 5 keys"),
+        (lambda: decode(q.double(), cache), "torch.float64"),
+        (lambda: decode(q.to("meta"), cache), "meta"),
+        (lambda: decode(q, cache, alpha=0.5), "alpha"),
+        (lambda: decode(q, cache, max_dropped_mass=1.5), "max_dropped_mass"),
+        (lambda: decode(q, cache, alibi_slopes=torch.full((4,), -1.0)), "alibi_slopes"),
+        (lambda: cache.append(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 4, 8)), "same number of tokens"),
+        (lambda: cache.append(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)), "must have shape"),
+        (lambda: cache.append(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8),
+                              KeyPadding(torch.tensor([4, 1]))), "padding.lengths"),
+        (lambda: PagedKVCache(2, 2, 8, page_size=0), "page_size"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+            call()
