@@ -13,9 +13,9 @@ of what it read, and then reads every page whose bound could still beat it;
 the pages left unread provably hold only zero weights, so the result equals
 dense attention over the whole cache. For softmax (alpha = 1) no key is
 provably zero and every page is read. ``max_dropped_mass=eps`` stops earlier,
-once the weight the unread pages could take is provably at most eps. When
-the pages to read are a large share of the cache, the dense path is cheaper
-than gathering them, and ``decode`` runs it instead (exactly).
+once the weight the unread pages could take is provably at most eps. For a KV
+head whose query rows would gather a large share of its pages, one dense pass
+over them costs less, and ``decode`` runs that (exactly) for that head.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FIRST_GROUP_PAGES = 8
 """Pages read before the first threshold: enough to hold the support of a sharp row."""
 
 DENSE_SHARE = 0.5
-"""Above this share of the cache's pages to gather, the dense path is cheaper than gathering them."""
+"""A KV head whose rows would gather more than this share of its pages (summed over rows) reads densely."""
 
 BOUND_MARGIN = 1e-5
 """Relative slack on bounds and thresholds, so that rounding can never certify a key that has weight."""
@@ -73,6 +73,8 @@ class PagedKVCache:
         self.values = torch.empty(batch, kv_heads, 0, page_size, value_dim, dtype=dtype, device=device)
         summary = torch.empty(batch, kv_heads, 0, head_dim, dtype=torch.float32, device=device)
         self.key_min, self.key_max = summary, summary.clone()
+        self.key_magnitude = torch.zeros(batch, kv_heads, dtype=torch.float32, device=device)
+        """The largest |k_d| of each (row, KV head) so far: it scales the rounding margin of the bounds."""
 
     @property
     def batch(self) -> int:
@@ -141,8 +143,11 @@ class PagedKVCache:
         pages = self.keys[row, :, first_page:end_page].float()
         slots = torch.arange(first_page * self.page_size, end_page * self.page_size, device=self.device)
         filled = (slots < length).view(1, end_page - first_page, self.page_size, 1)
-        self.key_min[row, :, first_page:end_page] = pages.masked_fill(~filled, math.inf).amin(2)
-        self.key_max[row, :, first_page:end_page] = pages.masked_fill(~filled, -math.inf).amax(2)
+        low = pages.masked_fill(~filled, math.inf).amin(2)
+        high = pages.masked_fill(~filled, -math.inf).amax(2)
+        self.key_min[row, :, first_page:end_page], self.key_max[row, :, first_page:end_page] = low, high
+        largest = torch.maximum(high, -low).amax((1, 2))
+        self.key_magnitude[row] = torch.maximum(self.key_magnitude[row], largest)
 
     def _reserve(self, tokens: int) -> None:
         needed = -(-tokens // self.page_size)
@@ -191,8 +196,10 @@ class DecodeStats:
     support / support_pages: keys with nonzero weight and the pages holding
     them; dropped_mass_bound: a proven upper bound on the weight of the keys
     left unread (0 when exact); bytes_read: keys and values read over the
-    whole call, pages of every KV head counted once per query row;
-    dense: whether the call ran the dense path.
+    whole call (a page gathered for several query rows counts once per row; a KV head decoded
+    densely counts its keys once); dense: the rows decoded by the dense path (their
+    support_pages is -1), for the KV heads where gathering pages would cost more than reading
+    them all.
     """
 
     pages_read: Tensor
@@ -203,7 +210,7 @@ class DecodeStats:
     support_pages: Tensor
     dropped_mass_bound: Tensor
     bytes_read: int
-    dense: bool
+    dense: Tensor
 
 
 def decode(
@@ -242,11 +249,7 @@ def decode(
         raise ValueError(f"max_dropped_mass must lie in [0, 1), got {max_dropped_mass}")
     slopes = _check_slopes(alibi_slopes, q.shape[0], heads, q.device)
     rows = _Rows(q, cache, alpha_heads, slopes, scale)
-    plan = rows.plan(float(max_dropped_mass))
-    if plan is None:
-        out = _dense_decode(q, cache, alpha, scale, alibi_slopes)
-        return (out, rows.dense_stats(out)) if return_stats else out
-    out, stats = rows.read(plan)
+    out, stats = rows.decode(float(max_dropped_mass), alpha, alibi_slopes)
     return (out, stats) if return_stats else out
 
 
@@ -270,7 +273,6 @@ class _Rows:
             self.position >= 0, self.position.div(cache.page_size, rounding_mode="floor") + 1, 0
         )
         self.bounds = self._page_bounds()
-        self.bounds_sorted, self.order = self.bounds.sort(-1, descending=True)
 
     def _page_bounds(self) -> Tensor:
         """(R, pages): an upper bound on the score of every key of each page the row sees (-inf: none).
@@ -283,93 +285,104 @@ class _Rows:
         low, high = cache.key_min[:, :, :pages], cache.key_max[:, :, :pages]
         q = self.query.view(batch, cache.kv_heads, -1, cache.head_dim)
         dot = q.clamp_min(0) @ high.transpose(-1, -2) - (-q).clamp_min(0) @ low.transpose(-1, -2)
-        size = q.abs() @ torch.maximum(low.abs(), high.abs()).transpose(-1, -2)
+        # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of it.
+        size = q.abs().sum(-1, keepdim=True) * cache.key_magnitude[:, :, None, None]
         bound = (dot + BOUND_MARGIN * size).reshape(-1, pages) * self.scale
         page = torch.arange(pages, device=q.device)
         last_key = torch.minimum((page + 1) * cache.page_size - 1, self.position[:, None])
         bound = bound + self.slope[:, None] * (last_key - self.position[:, None])
         return bound.masked_fill(page >= self.visible_pages[:, None], -math.inf)
 
-    def _scores(self, count: Tensor, width: int) -> tuple[Tensor, Tensor]:
-        """Scores (R, width * P) of each row's top ``count`` pages by bound; the page indices (R, width)."""
+    def _scores(self, pages: Tensor, count: Tensor) -> Tensor:
+        """Scores (R, W * P) of the pages (R, W) each row reads; only the first ``count`` of a row count."""
         cache = self.cache
-        width = max(1, width)
-        pages = self.order[:, :width]
-        if pages.shape[1] < width:
-            pages = torch.cat([pages, pages.new_zeros(pages.shape[0], width - pages.shape[1])], 1)
-        taken = torch.arange(width, device=pages.device) < count[:, None]
+        taken = torch.arange(pages.shape[1], device=pages.device) < count[:, None]
         keys = cache.keys[self.b[:, None], self.g[:, None], pages]
         scores = torch.bmm(keys.flatten(1, 2).float(), self.query[:, :, None]).squeeze(-1) * self.scale
         slot = pages[:, :, None] * cache.page_size + torch.arange(cache.page_size, device=pages.device)
         slot = slot.flatten(1)
         scores = scores + self.slope[:, None] * (slot - self.position[:, None])
         visible = (slot <= self.position[:, None]) & taken.repeat_interleave(cache.page_size, 1)
-        return scores.masked_fill(~visible, -math.inf), pages
+        return scores.masked_fill(~visible, -math.inf)
 
-    def plan(self, max_dropped_mass: float) -> Tensor | None:
-        """Pages each row must read (R,), or None where the dense path is cheaper."""
+    def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
+        """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
+        return self.bounds.topk(max(1, min(width, self.bounds.shape[1])), -1)
+
+    def plan(self, max_dropped_mass: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The pages each row reads (R, W), how many of them count (R,), and the groups decoded densely.
+
+        The first group (the pages of highest bound) gives a threshold tau, a lower bound on the
+        row's; a page whose bound B has (alpha-1) B <= tau holds only zero weights. The pages left
+        are read best first until the weight the unread ones could take is at most
+        ``max_dropped_mass`` (0: until none could take any). A KV head of a batch row whose query
+        rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly) instead:
+        one pass over its keys for all of its query rows costs less than gathering them per row.
+        """
         first = torch.clamp(self.visible_pages, max=FIRST_GROUP_PAGES)
-        scores, _ = self._scores(first, int(first.max()))
-        tau = _thresholds(scores, self.alpha)
+        _, pages = self._best_pages(int(first.max()))
+        tau = _thresholds(self._scores(pages, first), self.alpha)
         tau = tau - BOUND_MARGIN * (1 + tau.abs())
-        self.first_tau = tau
-        mass = _mass_bound(self.bounds_sorted, tau[:, None], self.alpha[:, None]) * self.cache.page_size
-        mass = mass.nan_to_num(0.0)
-        tail = mass.flip(-1).cumsum(-1).flip(-1)
+        mass = _mass_bound(self.bounds, tau[:, None], self.alpha[:, None]).nan_to_num(0.0)
         self.candidates = (mass > 0).sum(-1)
-        needed = (tail > max_dropped_mass).sum(-1) if max_dropped_mass > 0 else self.candidates
+        needed = self.candidates
+        self.dropped = torch.zeros_like(tau)
+        if max_dropped_mass > 0:
+            bounds, _ = self._best_pages(int(needed.max()))
+            page_mass = _mass_bound(bounds, tau[:, None], self.alpha[:, None]).nan_to_num(0.0)
+            tail = (page_mass * self.cache.page_size).flip(-1).cumsum(-1).flip(-1)
+            needed = (tail > max_dropped_mass).sum(-1)
+            beyond = torch.cat([tail, tail.new_zeros(tail.shape[0], 1)], 1)
+            self.dropped = beyond.gather(-1, needed[:, None])[:, 0]
         needed = torch.maximum(needed, torch.clamp(self.visible_pages, max=1))
-        self.dropped = torch.where(
-            needed < mass.shape[1], tail.gather(-1, needed.clamp(max=mass.shape[1] - 1)[:, None])[:, 0], 0.0
-        )
-        total = int(self.visible_pages.sum())
-        if int(needed.max()) * needed.shape[0] > DENSE_SHARE * max(1, total):
-            self.dropped = torch.zeros_like(self.dropped)
-            return None
-        return needed
+        groups = self._groups
+        gathered = needed.view(groups).amax(-1) * groups[-1]
+        dense = gathered > DENSE_SHARE * self.visible_pages.view(groups).amax(-1)
+        dense_rows = dense[:, :, None].expand(groups).reshape(-1)
+        needed = needed.masked_fill(dense_rows, 0)
+        self.dropped = self.dropped.masked_fill(dense_rows, 0.0)
+        _, pages = self._best_pages(int(needed.max()))
+        return pages[:, : max(1, int(needed.max()))], needed, dense
 
-    def read(self, needed: Tensor) -> tuple[Tensor, DecodeStats]:
+    @property
+    def _groups(self) -> tuple[int, int, int]:
+        """Rows grouped by (batch row, KV head): the heads sharing a KV head are consecutive."""
+        batch, heads, n_q = self.shape
+        return batch, self.cache.kv_heads, heads // self.cache.kv_heads * n_q
+
+    def decode(self, max_dropped_mass: float, alpha, alibi_slopes) -> tuple[Tensor, DecodeStats]:
         cache = self.cache
-        width = int(needed.max())
-        scores, pages = self._scores(needed, width)
+        pages, needed, dense = self.plan(max_dropped_mass)
+        scores = self._scores(pages, needed)
         p = _weights(scores, self.alpha)
         values = cache.values[self.b[:, None], self.g[:, None], pages].flatten(1, 2).float()
-        out = torch.bmm(p[:, None, :], values).squeeze(1)
-        out = out.to(self.q.dtype).view(*self.shape, -1)
-        in_page = (p > 0).view(p.shape[0], max(1, width), cache.page_size)
+        out = torch.bmm(p[:, None, :], values).squeeze(1).to(self.q.dtype).view(*self.shape, -1)
         keys_read = torch.isfinite(scores).sum(-1)
-        element = cache.keys.element_size()
-        bytes_read = int(keys_read.sum()) * element * (cache.head_dim + cache.values.shape[-1])
+        support = (p > 0).sum(-1)
+        support_pages = (p > 0).view(p.shape[0], pages.shape[1], cache.page_size).any(-1).sum(-1)
+        bytes_per_key = cache.keys.element_size() * (cache.head_dim + cache.values.shape[-1])
+        bytes_read = int(keys_read.sum()) * bytes_per_key
+        pages_read = needed.clone()
+        dense_rows = dense[:, :, None].expand(self._groups).reshape(-1)
+        if bool(dense.any()):
+            dense_support = _dense_decode(self.q, cache, alpha, self.scale, alibi_slopes, dense, out)
+            support = torch.where(dense_rows, dense_support.reshape(-1), support)
+            keys_read = torch.where(dense_rows, torch.clamp(self.position + 1, min=0), keys_read)
+            pages_read = torch.where(dense_rows, self.visible_pages, pages_read)
+            support_pages = support_pages.masked_fill(dense_rows, -1)
+            bytes_read += int(cache.lengths[:, None].expand_as(dense)[dense].sum()) * bytes_per_key
         stats = DecodeStats(
-            pages_read=self._view(needed),
+            pages_read=self._view(pages_read),
             keys_read=self._view(keys_read),
             pages_visible=self._view(self.visible_pages),
             candidate_pages=self._view(self.candidates),
-            support=self._view((p > 0).sum(-1)),
-            support_pages=self._view(in_page.any(-1).sum(-1)),
+            support=self._view(support),
+            support_pages=self._view(support_pages),
             dropped_mass_bound=self._view(self.dropped),
             bytes_read=bytes_read,
-            dense=False,
+            dense=self._view(dense_rows),
         )
         return out, stats
-
-    def dense_stats(self, out: Tensor) -> DecodeStats:
-        cache = self.cache
-        keys = torch.clamp(self.position + 1, min=0)
-        element = cache.keys.element_size()
-        bytes_read = int(keys.sum()) * element * (cache.head_dim + cache.values.shape[-1])
-        unknown = torch.full_like(keys, -1)
-        return DecodeStats(
-            pages_read=self._view(self.visible_pages),
-            keys_read=self._view(keys),
-            pages_visible=self._view(self.visible_pages),
-            candidate_pages=self._view(self.candidates),
-            support=self._view(unknown),
-            support_pages=self._view(unknown),
-            dropped_mass_bound=self._view(self.dropped),
-            bytes_read=bytes_read,
-            dense=True,
-        )
 
     def _view(self, x: Tensor) -> Tensor:
         return x.view(self.shape)
@@ -401,29 +414,44 @@ def _weights(scores: Tensor, alpha: Tensor) -> Tensor:
     return entmax(scores, alpha[:, None], dim=-1)
 
 
-def _dense_decode(q: Tensor, cache: PagedKVCache, alpha, scale: float, alibi_slopes: Tensor | None) -> Tensor:
+def _dense_decode(
+    q: Tensor,
+    cache: PagedKVCache,
+    alpha,
+    scale: float,
+    alibi_slopes: Tensor | None,
+    groups: Tensor,
+    out: Tensor,
+) -> Tensor:
+    """Dense attention of the (batch row, KV head) ``groups`` (B, Hkv) into ``out``; returns the support."""
     from .api import attention
 
     batch, heads, n_q, _ = q.shape
-    out = q.new_zeros(batch, heads, n_q, cache.values.shape[-1])
-    for row in range(batch):
+    group = heads // cache.kv_heads
+    support = torch.zeros(batch, heads, n_q, dtype=torch.long, device=q.device)
+    for row, kv_head in groups.nonzero().tolist():
         keys, values = cache.dense(row)
         seen = min(n_q, keys.shape[2])
         if seen == 0:
             continue
+        first, last = kv_head * group, (kv_head + 1) * group
         slopes = alibi_slopes
-        if alibi_slopes is not None and alibi_slopes.dim() == 2:
-            slopes = alibi_slopes[row]
-        out[row : row + 1, :, n_q - seen :] = attention(
-            q[row : row + 1, :, n_q - seen :],
-            keys,
-            values,
-            alpha=alpha,
+        if alibi_slopes is not None:
+            slopes = (alibi_slopes[row] if alibi_slopes.dim() == 2 else alibi_slopes)[first:last]
+        head_alpha = alpha[first:last] if isinstance(alpha, Tensor) else alpha
+        result, stats = attention(
+            q[row : row + 1, first:last, n_q - seen :],
+            keys[:, kv_head : kv_head + 1],
+            values[:, kv_head : kv_head + 1],
+            alpha=head_alpha,
             is_causal=True,
             scale=scale,
             alibi_slopes=slopes,
+            return_stats=True,
         )
-    return out
+        out[row, first:last, n_q - seen :] = result[0]
+        support[row, first:last, n_q - seen :] = stats.support[0]
+    return support
 
 
 def _check_count(name: str, value: int) -> None:
