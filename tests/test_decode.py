@@ -211,3 +211,60 @@ def test_bad_input_gets_a_clear_error():
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
             call()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"alpha": 1.5, "scaling": "asentmax", "positions": "nape", "n_kv_heads": 2},
+        {"alpha": 1.0, "scaling": "ssmax", "positions": "nape"},
+        {"alpha": 2.0, "positions": "rope"},
+        {"alpha": 1.25, "learn_alpha": True, "positions": "alibi", "n_kv_heads": 1},
+    ],
+)
+def test_a_paged_cache_gives_the_logits_and_tokens_of_the_dense_cache(fields, path):
+    from sparsa.models import Transformer, TransformerConfig
+
+    torch.manual_seed(7)
+    config = TransformerConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, **fields)
+    model = Transformer(config).eval()
+    ids = torch.randint(4, 40, (3, 30))
+    mask = torch.ones_like(ids)
+    mask[0, :7], mask[2, :29] = 0, 0
+    dense, paged = model.new_cache(), model.new_cache(page_size=4)
+    step_ids, step_mask = ids, mask
+    for _ in range(5):
+        expected = model(step_ids, attention_mask=step_mask, cache=dense)
+        got = model(step_ids, attention_mask=step_mask, cache=paged)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        step_ids = expected[:, -1:].argmax(-1)
+        step_mask = torch.cat((step_mask, torch.ones_like(step_ids)), 1)
+    assert paged.length == dense.length == 34
+    options = {"attention_mask": mask, "eos_token_id": 3}
+    assert torch.equal(model.generate(ids, 12, page_size=5, **options), model.generate(ids, 12, **options))
+
+
+def test_the_shipped_demo_model_decodes_the_same_tokens_over_pages():
+    from sparsa.experiments.demo import SHIPPED
+    from sparsa.models import Transformer
+    from sparsa.tasks import EOS, make_task, sample
+
+    model = Transformer.from_pretrained(SHIPPED / "asentmax").eval()
+    task = make_task("copy", vocab=1024, distinct=1)
+    prompts = [torch.from_numpy(sample(task, 0, "test", n, 0).tokens[: n + 2]) for n in (96, 64)]
+    ids = torch.zeros(2, 98, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 98 - len(prompt) :], mask[row, 98 - len(prompt) :] = prompt, 1
+    options = {"attention_mask": mask, "eos_token_id": EOS}
+    paged = model.generate(ids, 20, page_size=16, **options)
+    assert torch.equal(paged, model.generate(ids, 20, **options))
+    assert torch.equal(paged[0, 98:], ids[0, 1:21])
+
+
+def test_generate_refuses_a_bad_page_size():
+    from sparsa.models import Transformer, TransformerConfig
+
+    model = Transformer(TransformerConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2))
+    with pytest.raises(ValueError, match="page_size"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), 2, page_size=0)

@@ -26,7 +26,12 @@ SCALED_HEADS = ("auto", "all", "nope")
 
 
 class KeyValueStore(Protocol):
-    """What a KV cache gives one layer: the cached length and an append that returns all keys and values."""
+    """What a KV cache gives one layer: the cached length and an append that returns all keys and values.
+
+    A store that also has ``attend(q, k, v, layout, **options)`` (a paged
+    cache) takes the new keys and values and computes the attention itself;
+    the layer's ``observer`` is not called then.
+    """
 
     @property
     def length(self) -> int: ...
@@ -170,14 +175,18 @@ class SparseAttention(nn.Module):
         scale = self.query_scale(x, layout)
         if scale is not None:
             q = q * scale[..., None].to(q.dtype)
-        if cache is not None:
-            k, v = cache.update(k, v)
         options = {
             "alpha": self.alpha,
             "is_causal": self.is_causal,
             "attn_mask": layout.key_padding,
             "alibi_slopes": self.alibi_slopes,
         }
+        attend = getattr(cache, "attend", None)
+        if attend is not None:
+            out = attend(q, k, v, layout, **options)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        if cache is not None:
+            k, v = cache.update(k, v)
         if self.observer is not None:
             self.observer(q, k, **options)
         out = attention(q, k, v, backend=self.backend, **options)

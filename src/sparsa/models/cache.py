@@ -1,8 +1,12 @@
-"""KV cache for decoding: per-layer key/value buffers that grow by doubling."""
+"""KV caches for decoding: per-layer buffers that grow by doubling, or pages that decode sparsely."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+from ..attention import KeyPadding, PagedKVCache, decode
+from ..layers.positions import TokenLayout
 
 
 class LayerCache:
@@ -32,11 +36,58 @@ class LayerCache:
         self.keys, self.values = keys, values
 
 
-class KVCache:
-    """One :class:`LayerCache` per layer; ``capacity`` preallocates room for that many tokens."""
+class PagedLayerCache:
+    """One layer's keys and values in a :class:`sparsa.attention.PagedKVCache`, attended by ``decode``.
 
-    def __init__(self, n_layers: int, capacity: int = 0) -> None:
-        self.layers = [LayerCache(capacity) for _ in range(n_layers)]
+    Padding columns are not stored: each row keeps its real tokens only, and
+    ``decode`` reads only the pages that can hold weight, with exactly the
+    result of dense attention. ``length`` counts the columns seen (padding
+    included), as the model's attention mask does. Needs causal attention and
+    left padding (as generation uses).
+    """
+
+    def __init__(self, page_size: int = 16) -> None:
+        self.page_size = page_size
+        self.length = 0
+        self.pages: PagedKVCache | None = None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, **options) -> Tensor:
+        """Append this chunk's real keys and values, then attend q (B, H, N, D) over the whole cache."""
+        if not options.get("is_causal", False):
+            raise ValueError("a paged cache decodes causal attention only")
+        padding = layout.key_padding
+        if padding is not None and padding.side != "left":
+            raise ValueError("a paged cache needs left padding (as generation uses), got right padding")
+        batch, kv_heads, n, dim = k.shape
+        if self.pages is None:
+            self.pages = PagedKVCache(
+                batch, kv_heads, dim, value_dim=v.shape[-1], page_size=self.page_size, dtype=k.dtype,
+                device=k.device,
+            )  # fmt: skip
+        real = torch.clamp(layout.key_count - self.pages.lengths, 0, n)
+        self.pages.append(k, v, KeyPadding(real, "left"))
+        self.length += n
+        seen = min(n, int(self.pages.lengths.max()))
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        if seen:
+            out[:, :, n - seen :] = decode(
+                q[:, :, n - seen :], self.pages, alpha=options["alpha"], alibi_slopes=options["alibi_slopes"]
+            )
+        return out
+
+
+class KVCache:
+    """One cache per layer; ``capacity`` preallocates room for that many tokens.
+
+    ``page_size`` None keeps dense buffers (:class:`LayerCache`); a number
+    pages them (:class:`PagedLayerCache`) for certified sparse decoding.
+    """
+
+    def __init__(self, n_layers: int, capacity: int = 0, *, page_size: int | None = None) -> None:
+        if page_size is None:
+            self.layers = [LayerCache(capacity) for _ in range(n_layers)]
+        else:
+            self.layers = [PagedLayerCache(page_size) for _ in range(n_layers)]
 
     @property
     def length(self) -> int:

@@ -18,6 +18,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    page_size: int | None = None,
 ) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns (B, N + new).
 
@@ -29,7 +30,11 @@ def generate(
     ``generator``. After a row emits ``eos_token_id`` it receives
     ``pad_token_id`` (default: the EOS id); decoding stops when every row has
     finished. The model's train/eval mode is left as it is (call ``eval()``
-    for deterministic decoding with dropout).
+    for deterministic decoding with dropout). ``page_size`` keeps the cache
+    in pages of that many tokens and decodes with
+    :func:`sparsa.attention.decode`, which reads only the pages that can hold
+    weight and gives the dense result (the same tokens); None (default) keeps
+    a dense cache.
     """
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a tensor (batch, length) with at least one token per row")
@@ -52,7 +57,11 @@ def generate(
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
 
-    cache = model.new_cache(capacity=n_prompt + max_new_tokens)
+    if page_size is not None and (
+        isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1
+    ):
+        raise ValueError(f"page_size must be a positive integer or None, got {page_size!r}")
+    cache = model.new_cache(capacity=n_prompt + max_new_tokens, page_size=page_size)
     tokens = [input_ids]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     step_input, step_mask = input_ids, attention_mask

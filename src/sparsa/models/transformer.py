@@ -91,8 +91,9 @@ class Transformer(nn.Module):
             params.pop(id(self.head.weight), None)
         return sum(p.numel() for p in params.values())
 
-    def new_cache(self, capacity: int = 0) -> KVCache:
-        return KVCache(self.config.n_layers, capacity)
+    def new_cache(self, capacity: int = 0, *, page_size: int | None = None) -> KVCache:
+        """An empty cache; ``page_size`` pages it for exact sparse decoding (see :class:`KVCache`)."""
+        return KVCache(self.config.n_layers, capacity, page_size=page_size)
 
     def forward(
         self,
