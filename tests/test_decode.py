@@ -92,7 +92,7 @@ def test_single_token_appends_and_one_prefill_give_the_same_cache():
     torch.manual_seed(1)
     keys, values = [torch.randn(2, 23, 8)], [torch.randn(2, 23, 8)]
     one_by_one, prefill = _fill(keys, values, 5, chunk=1), _fill(keys, values, 5)
-    for name in ("keys", "values", "key_min", "key_max"):
+    for name in ("keys", "values", "key_min", "key_max", "key_codes", "key_scale"):
         used = getattr(prefill, name)[:, :, : prefill.pages(0)]
         assert torch.equal(getattr(one_by_one, name)[:, :, : one_by_one.pages(0)], used)
     assert torch.equal(one_by_one.lengths, prefill.lengths)
@@ -163,6 +163,31 @@ def test_a_sharp_cache_is_decoded_exactly_from_a_few_pages():
     assert not bool(stats.dense.any())
     assert int(stats.pages_read.max()) < 0.2 * cache.pages(0)
     assert stats.bytes_read < 0.2 * 2 * keys[0].numel() * 4
+
+
+def test_the_int8_sketch_certifies_content_heads_that_page_bounds_leave_open():
+    torch.manual_seed(8)
+    keys, values = [torch.randn(2, 4096, 32)], [torch.randn(2, 4096, 32)]
+    cache = _fill(keys, values, page_size=16)
+    q = torch.randn(1, 4, 1, 32)
+    q[0, :2, 0] = 3 * keys[0][0, 100] + 3 * keys[0][0, 3000]
+    stats = _check(q, keys, values, cache, alpha=1.5)
+    # Heads 0 and 1 match two keys; heads 2 and 3 have N(0, 1) scores, whose support fills their first pages.
+    assert bool(stats.sketched[0, :2].all()) and not bool(stats.dense[0, :2].any())
+    assert int(stats.pages_read[0, :2].max()) < 0.05 * cache.pages(0)
+    assert bool(stats.dense[0, 2:].all()) and not bool(stats.sketched[0, 2:].any())
+    codes = cache.key_codes[0, :, : cache.pages(0)].flatten(1, 2).float()
+    error = (
+        keys[0] - cache.key_scale[0, :, : cache.pages(0)].repeat_interleave(16, 1)[..., None] * codes
+    ).abs()
+    assert bool((error <= cache.key_scale[0, :, :, None].repeat_interleave(16, 1)[:, :4096] / 2 + 1e-7).all())
+
+
+def test_dense_rows_skip_the_sketch():
+    keys = [torch.ones(1, 512, 8)]
+    cache = _fill(keys, [torch.randn(1, 512, 8)], page_size=16)
+    stats = _check(torch.ones(1, 1, 1, 8), keys, [cache.dense(0)[1][0]], cache, alpha=1.5)
+    assert not bool(stats.sketched.any()) and bool(stats.dense.all())
 
 
 def test_softmax_reads_every_page():

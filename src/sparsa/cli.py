@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     from .benchmarks import attention as attention_bench
+    from .benchmarks import decode as decode_bench
     from .benchmarks import gpu as gpu_bench
     from .benchmarks import kernels as kernels_bench
     from .benchmarks import normalizers as normalizer_bench
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gpu_bench.add_arguments(gpu)
     gpu.set_defaults(run=gpu_bench.run_from_args)
+    decode = benchmarks.add_parser(
+        "decode",
+        help="one decode step over a paged KV cache against SDPA, the dense decode and the bandwidth floor",
+    )
+    decode_bench.add_arguments(decode)
+    decode.set_defaults(run=decode_bench.run_from_args)
     kernels = benchmarks.add_parser(
         "kernels", help="registers and spills of the Triton kernels per tile size, compiled without a GPU"
     )

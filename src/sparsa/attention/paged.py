@@ -35,6 +35,15 @@ FIRST_GROUP_PAGES = 8
 DENSE_SHARE = 0.5
 """A KV head whose rows would gather more than this share of its pages (summed over rows) reads densely."""
 
+SKETCH_LEVELS = 127
+"""int8 codes of the key sketch lie in [-127, 127]."""
+
+SKETCH_TOKENS = 4096
+"""Keys whose sketch scores are computed at once: the float copy of their codes stays in cache."""
+
+SUMMARY_PAGES = 1024
+"""Pages summarised at once on append: bounds the temporary memory of a long prefill."""
+
 BOUND_MARGIN = 1e-5
 """Relative slack on bounds and thresholds, so that rounding can never certify a key that has weight."""
 
@@ -75,6 +84,9 @@ class PagedKVCache:
         self.key_min, self.key_max = summary, summary.clone()
         self.key_magnitude = torch.zeros(batch, kv_heads, dtype=torch.float32, device=device)
         """The largest |k_d| of each (row, KV head) so far: it scales the rounding margin of the bounds."""
+        self.key_codes = torch.empty(batch, kv_heads, 0, page_size, head_dim, dtype=torch.int8, device=device)
+        self.key_scale = torch.empty(batch, kv_heads, 0, dtype=torch.float32, device=device)
+        """The int8 sketch: k = key_scale * key_codes + e with |e_d| <= key_scale / 2, one scale per page."""
 
     @property
     def batch(self) -> int:
@@ -140,21 +152,28 @@ class PagedKVCache:
         return keys, values[:, :, :length]
 
     def _summarise(self, row: int, first_page: int, end_page: int, length: int) -> None:
-        pages = self.keys[row, :, first_page:end_page].float()
-        slots = torch.arange(first_page * self.page_size, end_page * self.page_size, device=self.device)
-        filled = (slots < length).view(1, end_page - first_page, self.page_size, 1)
-        low = pages.masked_fill(~filled, math.inf).amin(2)
-        high = pages.masked_fill(~filled, -math.inf).amax(2)
-        self.key_min[row, :, first_page:end_page], self.key_max[row, :, first_page:end_page] = low, high
-        largest = torch.maximum(high, -low).amax((1, 2))
-        self.key_magnitude[row] = torch.maximum(self.key_magnitude[row], largest)
+        """Key minima and maxima of pages first_page..end_page of ``row`` (the last may be part-filled)."""
+        for start in range(first_page, end_page, SUMMARY_PAGES):
+            end = min(end_page, start + SUMMARY_PAGES)
+            pages = self.keys[row, :, start:end].float()
+            slots = torch.arange(start * self.page_size, end * self.page_size, device=self.device)
+            filled = (slots < length).view(1, end - start, self.page_size, 1)
+            low = pages.masked_fill(~filled, math.inf).amin(2)
+            high = pages.masked_fill(~filled, -math.inf).amax(2)
+            self.key_min[row, :, start:end], self.key_max[row, :, start:end] = low, high
+            largest = torch.maximum(high, -low).amax((1, 2))
+            self.key_magnitude[row] = torch.maximum(self.key_magnitude[row], largest)
+            scale = torch.maximum(high, -low).amax(-1) / SKETCH_LEVELS
+            codes = torch.round(pages.masked_fill(~filled, 0.0) / scale.clamp_min(1e-30)[..., None, None])
+            self.key_codes[row, :, start:end] = codes.clamp(-SKETCH_LEVELS, SKETCH_LEVELS).to(torch.int8)
+            self.key_scale[row, :, start:end] = scale
 
     def _reserve(self, tokens: int) -> None:
         needed = -(-tokens // self.page_size)
         if needed <= self.page_capacity:
             return
         size = max(needed, 2 * self.page_capacity)
-        for name in ("keys", "values", "key_min", "key_max"):
+        for name in ("keys", "values", "key_min", "key_max", "key_codes", "key_scale"):
             old = getattr(self, name)
             # Zeros, not garbage: weight-zero slots of a gathered page must not bring NaN into p @ V.
             grown = old.new_zeros(old.shape[0], old.shape[1], size, *old.shape[3:])
@@ -197,9 +216,10 @@ class DecodeStats:
     them; dropped_mass_bound: a proven upper bound on the weight of the keys
     left unread (0 when exact); bytes_read: keys and values read over the
     whole call (a page gathered for several query rows counts once per row; a KV head decoded
-    densely counts its keys once); dense: the rows decoded by the dense path (their
-    support_pages is -1), for the KV heads where gathering pages would cost more than reading
-    them all.
+    densely counts its keys once, and the int8 sketch of a KV head counts once); dense: the rows
+    decoded by the dense path (their support_pages is -1), for the KV heads where gathering
+    pages would cost more than reading them all; sketched: the rows whose bounds the int8 key
+    sketch tightened.
     """
 
     pages_read: Tensor
@@ -211,6 +231,7 @@ class DecodeStats:
     dropped_mass_bound: Tensor
     bytes_read: int
     dense: Tensor
+    sketched: Tensor
 
 
 def decode(
@@ -249,7 +270,7 @@ def decode(
         raise ValueError(f"max_dropped_mass must lie in [0, 1), got {max_dropped_mass}")
     slopes = _check_slopes(alibi_slopes, q.shape[0], heads, q.device)
     rows = _Rows(q, cache, alpha_heads, slopes, scale)
-    out, stats = rows.decode(float(max_dropped_mass), alpha, alibi_slopes)
+    out, stats = rows.decode(float(max_dropped_mass), alpha, alibi_slopes, return_stats)
     return (out, stats) if return_stats else out
 
 
@@ -305,6 +326,64 @@ class _Rows:
         visible = (slot <= self.position[:, None]) & taken.repeat_interleave(cache.page_size, 1)
         return scores.masked_fill(~visible, -math.inf)
 
+    def _first_threshold(self) -> tuple[Tensor, Tensor]:
+        """A lower bound on each row's tau from its pages of highest bound; the share of them in support."""
+        first = torch.clamp(self.visible_pages, max=FIRST_GROUP_PAGES)
+        _, pages = self._best_pages(int(first.max()))
+        scores = self._scores(pages, first)
+        weights = _weights(scores, self.alpha)
+        tau = _thresholds(scores, weights, self.alpha)
+        held = (weights > 0).view(len(tau), pages.shape[1], -1).any(-1).sum(-1)
+        return tau - BOUND_MARGIN * (1 + tau.abs()), held / first.clamp_min(1)
+
+    def _candidates(self, tau: Tensor) -> Tensor:
+        """Pages whose bound could beat tau, per row."""
+        mass = _mass_bound(self.bounds, tau[:, None], self.alpha[:, None]).nan_to_num(0.0)
+        return (mass > 0).sum(-1)
+
+    def _sketch_where_it_can_pay(self, first_support: Tensor) -> Tensor:
+        """Tighten the bounds with the int8 sketch on the KV heads the page bounds leave mostly open.
+
+        Skipped where it cannot pay: softmax rows (no key is provably zero) and heads whose first
+        pages are mostly in the support (a dense row: the sketch would rule out little).
+        """
+        groups = self._groups
+        open_pages = self.candidates.view(groups).amax(-1) * groups[-1]
+        sparse_rows = (self.alpha > 1) & (first_support < 0.5)
+        worth = (open_pages > DENSE_SHARE * self.visible_pages.view(groups).amax(-1)) & sparse_rows.view(
+            groups
+        ).all(-1)
+        rows = worth[:, :, None].expand(groups).reshape(-1)
+        if bool(worth.any()):
+            self.bounds = torch.where(
+                rows[:, None], torch.minimum(self.bounds, self._sketch_bounds(worth)), self.bounds
+            )
+        return rows
+
+    def _sketch_bounds(self, groups: Tensor) -> Tensor:
+        """(R, pages) page bounds from the int8 sketch for the rows of ``groups`` (B, Hkv); +inf elsewhere.
+
+        A key's score is at most scale * (q . codes) + scale * ||q||_1 / 2 (the rounding of each code is
+        at most half a step); a page's bound is the largest over its keys.
+        """
+        cache, pages = self.cache, self.bounds.shape[1]
+        bounds = torch.full_like(self.bounds, math.inf).view(*self._groups, pages)
+        queries = self.query.view(*self._groups, -1)
+        chunk = max(1, SKETCH_TOKENS // cache.page_size)
+        for row, kv_head in groups.nonzero().tolist():
+            q = queries[row, kv_head]
+            slack = (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
+            for start in range(0, pages, chunk):
+                end = min(pages, start + chunk)
+                codes = cache.key_codes[row, kv_head, start:end].flatten(0, 1).float()
+                dots = (q @ codes.T).view(len(q), end - start, cache.page_size).amax(-1)
+                scale = cache.key_scale[row, kv_head, start:end]
+                bounds[row, kv_head, :, start:end] = scale * (dots + slack)
+        bounds = bounds.view(-1, pages) * self.scale
+        page = torch.arange(pages, device=bounds.device)
+        last_key = torch.minimum((page + 1) * cache.page_size - 1, self.position[:, None])
+        return bounds + self.slope[:, None] * (last_key - self.position[:, None])
+
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
         return self.bounds.topk(max(1, min(width, self.bounds.shape[1])), -1)
@@ -319,12 +398,12 @@ class _Rows:
         rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly) instead:
         one pass over its keys for all of its query rows costs less than gathering them per row.
         """
-        first = torch.clamp(self.visible_pages, max=FIRST_GROUP_PAGES)
-        _, pages = self._best_pages(int(first.max()))
-        tau = _thresholds(self._scores(pages, first), self.alpha)
-        tau = tau - BOUND_MARGIN * (1 + tau.abs())
-        mass = _mass_bound(self.bounds, tau[:, None], self.alpha[:, None]).nan_to_num(0.0)
-        self.candidates = (mass > 0).sum(-1)
+        tau, first_support = self._first_threshold()
+        self.candidates = self._candidates(tau)
+        self.sketched = self._sketch_where_it_can_pay(first_support)
+        if bool(self.sketched.any()):
+            tau = torch.maximum(tau, self._first_threshold()[0])
+            self.candidates = self._candidates(tau)
         needed = self.candidates
         self.dropped = torch.zeros_like(tau)
         if max_dropped_mass > 0:
@@ -350,7 +429,10 @@ class _Rows:
         batch, heads, n_q = self.shape
         return batch, self.cache.kv_heads, heads // self.cache.kv_heads * n_q
 
-    def decode(self, max_dropped_mass: float, alpha, alibi_slopes) -> tuple[Tensor, DecodeStats]:
+    def decode(
+        self, max_dropped_mass: float, alpha, alibi_slopes, counted: bool
+    ) -> tuple[Tensor, DecodeStats]:
+        """The output, and the stats (``counted`` False: without the support of densely decoded rows)."""
         cache = self.cache
         pages, needed, dense = self.plan(max_dropped_mass)
         scores = self._scores(pages, needed)
@@ -364,8 +446,10 @@ class _Rows:
         bytes_read = int(keys_read.sum()) * bytes_per_key
         pages_read = needed.clone()
         dense_rows = dense[:, :, None].expand(self._groups).reshape(-1)
+        sketch_pages = cache.pages()[:, None].expand_as(dense)[self.sketched.view(self._groups).any(-1)]
+        bytes_read += int(sketch_pages.sum()) * cache.page_size * cache.head_dim
         if bool(dense.any()):
-            dense_support = _dense_decode(self.q, cache, alpha, self.scale, alibi_slopes, dense, out)
+            dense_support = _dense_decode(self.q, cache, alpha, self.scale, alibi_slopes, dense, out, counted)
             support = torch.where(dense_rows, dense_support.reshape(-1), support)
             keys_read = torch.where(dense_rows, torch.clamp(self.position + 1, min=0), keys_read)
             pages_read = torch.where(dense_rows, self.visible_pages, pages_read)
@@ -381,6 +465,7 @@ class _Rows:
             dropped_mass_bound=self._view(self.dropped),
             bytes_read=bytes_read,
             dense=self._view(dense_rows),
+            sketched=self._view(self.sketched),
         )
         return out, stats
 
@@ -388,9 +473,9 @@ class _Rows:
         return x.view(self.shape)
 
 
-def _thresholds(scores: Tensor, alpha: Tensor) -> Tensor:
-    """Per row: tau of entmax (alpha > 1, units of (alpha-1) * score) or log-partition (alpha = 1)."""
-    p = _weights(scores, alpha)
+def _thresholds(scores: Tensor, p: Tensor, alpha: Tensor) -> Tensor:
+    """Per row, from scores and their weights p: tau of entmax (alpha > 1, in units of (alpha-1) * score)
+    or the log-partition (alpha = 1); +inf for rows without a visible key."""
     top, index = p.max(-1)
     score = scores.gather(-1, index[:, None])[:, 0]
     entmax_tau = (alpha - 1) * score - top.clamp_min(1e-38).pow(alpha - 1)
@@ -422,35 +507,42 @@ def _dense_decode(
     alibi_slopes: Tensor | None,
     groups: Tensor,
     out: Tensor,
+    counted: bool,
 ) -> Tensor:
-    """Dense attention of the (batch row, KV head) ``groups`` (B, Hkv) into ``out``; returns the support."""
+    """Dense attention of the (row, KV head) ``groups`` (B, Hkv) into ``out``; support if ``counted``."""
     from .api import attention
 
     batch, heads, n_q, _ = q.shape
     group = heads // cache.kv_heads
     support = torch.zeros(batch, heads, n_q, dtype=torch.long, device=q.device)
-    for row, kv_head in groups.nonzero().tolist():
+    for row in groups.any(-1).nonzero()[:, 0].tolist():
         keys, values = cache.dense(row)
         seen = min(n_q, keys.shape[2])
         if seen == 0:
             continue
-        first, last = kv_head * group, (kv_head + 1) * group
-        slopes = alibi_slopes
-        if alibi_slopes is not None:
-            slopes = (alibi_slopes[row] if alibi_slopes.dim() == 2 else alibi_slopes)[first:last]
-        head_alpha = alpha[first:last] if isinstance(alpha, Tensor) else alpha
-        result, stats = attention(
-            q[row : row + 1, first:last, n_q - seen :],
-            keys[:, kv_head : kv_head + 1],
-            values[:, kv_head : kv_head + 1],
-            alpha=head_alpha,
-            is_causal=True,
-            scale=scale,
-            alibi_slopes=slopes,
-            return_stats=True,
-        )
-        out[row, first:last, n_q - seen :] = result[0]
-        support[row, first:last, n_q - seen :] = stats.support[0]
+        # One call for all heads of the row when all are dense: the blocked backend batches them.
+        spans = [(0, cache.kv_heads)] if bool(groups[row].all()) else [
+            (g, g + 1) for g in groups[row].nonzero()[:, 0].tolist()
+        ]  # fmt: skip
+        for first_kv, end_kv in spans:
+            first, last = first_kv * group, end_kv * group
+            slopes = alibi_slopes
+            if alibi_slopes is not None:
+                slopes = (alibi_slopes[row] if alibi_slopes.dim() == 2 else alibi_slopes)[first:last]
+            result = attention(
+                q[row : row + 1, first:last, n_q - seen :],
+                keys[:, first_kv:end_kv],
+                values[:, first_kv:end_kv],
+                alpha=alpha[first:last] if isinstance(alpha, Tensor) else alpha,
+                is_causal=True,
+                scale=scale,
+                alibi_slopes=slopes,
+                return_stats=counted,
+            )
+            if counted:
+                result, stats = result
+                support[row, first:last, n_q - seen :] = stats.support[0]
+            out[row, first:last, n_q - seen :] = result[0]
     return support
 
 
