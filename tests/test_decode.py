@@ -293,3 +293,16 @@ def test_generate_refuses_a_bad_page_size():
     model = Transformer(TransformerConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2))
     with pytest.raises(ValueError, match="page_size"):
         model.generate(torch.ones(1, 3, dtype=torch.long), 2, page_size=0)
+
+
+def test_the_decode_benchmark_measures_and_tabulates_a_small_case():
+    from sparsa.benchmarks import decode as bench
+
+    row = bench.measure_case("synthetic", 1, 512, "fp32", repeats=1, seed=0)
+    assert row["max_abs_error"] < 1e-4 and 0 < row["pages_read"] <= 1
+    assert row["pages_read_alibi_heads"] < row["pages_read_nope_heads"] or row["pages_read_nope_heads"] < 0.5
+    model = bench.model_certificates(length=64, every=16)
+    assert {(r["layer"], r["heads"]) for r in model} == {(1, "alibi"), (1, "nope"), (2, "alibi"), (2, "nope")}
+    table = bench.markdown_table({"rows": [row]})
+    assert table.splitlines()[2].startswith("| synthetic | 1 | 512 | fp32 |")
+    assert "| 2 | nope | 131 | 5 |" in bench.model_table({"model": model})
