@@ -38,9 +38,6 @@ DENSE_SHARE = 0.5
 SKETCH_LEVELS = 127
 """int8 codes of the key sketch lie in [-127, 127]."""
 
-SKETCH_TOKENS = 4096
-"""Keys whose sketch scores are computed at once: the float copy of their codes stays in cache."""
-
 SUMMARY_PAGES = 1024
 """Pages summarised at once on append: bounds the temporary memory of a long prefill."""
 
@@ -86,7 +83,9 @@ class PagedKVCache:
         """The largest |k_d| of each (row, KV head) so far: it scales the rounding margin of the bounds."""
         self.key_codes = torch.empty(batch, kv_heads, 0, page_size, head_dim, dtype=torch.int8, device=device)
         self.key_scale = torch.empty(batch, kv_heads, 0, dtype=torch.float32, device=device)
-        """The int8 sketch: k = key_scale * key_codes + e with |e_d| <= key_scale / 2, one scale per page."""
+        self.key_code_norm = torch.empty(batch, kv_heads, 0, page_size, dtype=torch.int16, device=device)
+        """The int8 sketch: k = key_scale * key_codes + e with |e_d| <= key_scale / 2, one scale per
+        page; key_code_norm is sum_d |key_codes_d| of each key (it bounds the error of an int8 query)."""
 
     @property
     def batch(self) -> int:
@@ -165,7 +164,9 @@ class PagedKVCache:
             self.key_magnitude[row] = torch.maximum(self.key_magnitude[row], largest)
             scale = torch.maximum(high, -low).amax(-1) / SKETCH_LEVELS
             codes = torch.round(pages.masked_fill(~filled, 0.0) / scale.clamp_min(1e-30)[..., None, None])
-            self.key_codes[row, :, start:end] = codes.clamp(-SKETCH_LEVELS, SKETCH_LEVELS).to(torch.int8)
+            codes = codes.clamp(-SKETCH_LEVELS, SKETCH_LEVELS)
+            self.key_codes[row, :, start:end] = codes.to(torch.int8)
+            self.key_code_norm[row, :, start:end] = codes.abs().sum(-1).to(torch.int16)
             self.key_scale[row, :, start:end] = scale
 
     def _reserve(self, tokens: int) -> None:
@@ -173,7 +174,7 @@ class PagedKVCache:
         if needed <= self.page_capacity:
             return
         size = max(needed, 2 * self.page_capacity)
-        for name in ("keys", "values", "key_min", "key_max", "key_codes", "key_scale"):
+        for name in ("keys", "values", "key_min", "key_max", "key_codes", "key_scale", "key_code_norm"):
             old = getattr(self, name)
             # Zeros, not garbage: weight-zero slots of a gathered page must not bring NaN into p @ V.
             grown = old.new_zeros(old.shape[0], old.shape[1], size, *old.shape[3:])
@@ -363,22 +364,26 @@ class _Rows:
     def _sketch_bounds(self, groups: Tensor) -> Tensor:
         """(R, pages) page bounds from the int8 sketch for the rows of ``groups`` (B, Hkv); +inf elsewhere.
 
-        A key's score is at most scale * (q . codes) + scale * ||q||_1 / 2 (the rounding of each code is
-        at most half a step); a page's bound is the largest over its keys.
+        With k = s c + e (|e_d| <= s / 2, s the page's scale) and the query in int8 too,
+        q = t u + f (|f_d| <= t / 2): q . k <= s (t (u . c) + t ||c||_1 / 2 + ||q||_1 / 2). The
+        integer products u . c are exact; a page's bound is the largest over its keys.
         """
         cache, pages = self.cache, self.bounds.shape[1]
-        bounds = torch.full_like(self.bounds, math.inf).view(*self._groups, pages)
         queries = self.query.view(*self._groups, -1)
-        chunk = max(1, SKETCH_TOKENS // cache.page_size)
+        bounds = torch.full_like(self.bounds, math.inf).view(*self._groups, pages)
+        half = 0.5 + BOUND_MARGIN
         for row, kv_head in groups.nonzero().tolist():
             q = queries[row, kv_head]
-            slack = (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
-            for start in range(0, pages, chunk):
-                end = min(pages, start + chunk)
-                codes = cache.key_codes[row, kv_head, start:end].flatten(0, 1).float()
-                dots = (q @ codes.T).view(len(q), end - start, cache.page_size).amax(-1)
-                scale = cache.key_scale[row, kv_head, start:end]
-                bounds[row, kv_head, :, start:end] = scale * (dots + slack)
+            step = q.abs().amax(-1, keepdim=True).clamp_min(1e-30) / SKETCH_LEVELS
+            query_codes = torch.round(q / step).clamp(-SKETCH_LEVELS, SKETCH_LEVELS).to(torch.int8)
+            codes = cache.key_codes[row, kv_head, :pages].view(-1, cache.head_dim)
+            dots = _integer_dots(codes, query_codes).T.float()
+            norms = cache.key_code_norm[row, kv_head, :pages].reshape(1, -1).float()
+            keys = step * (dots + half * norms)
+            largest = keys.view(len(q), pages, cache.page_size).amax(-1) + half * q.abs().sum(
+                -1, keepdim=True
+            )
+            bounds[row, kv_head] = cache.key_scale[row, kv_head, :pages] * largest
         bounds = bounds.view(-1, pages) * self.scale
         page = torch.arange(pages, device=bounds.device)
         last_key = torch.minimum((page + 1) * cache.page_size - 1, self.position[:, None])
@@ -447,7 +452,7 @@ class _Rows:
         pages_read = needed.clone()
         dense_rows = dense[:, :, None].expand(self._groups).reshape(-1)
         sketch_pages = cache.pages()[:, None].expand_as(dense)[self.sketched.view(self._groups).any(-1)]
-        bytes_read += int(sketch_pages.sum()) * cache.page_size * cache.head_dim
+        bytes_read += int(sketch_pages.sum()) * cache.page_size * (cache.head_dim + 2)
         if bool(dense.any()):
             dense_support = _dense_decode(self.q, cache, alpha, self.scale, alibi_slopes, dense, out, counted)
             support = torch.where(dense_rows, dense_support.reshape(-1), support)
@@ -471,6 +476,13 @@ class _Rows:
 
     def _view(self, x: Tensor) -> Tensor:
         return x.view(self.shape)
+
+
+def _integer_dots(codes: Tensor, query_codes: Tensor) -> Tensor:
+    """codes (N, D) int8 times query_codes (R, D) int8 -> (N, R), exact (|sum| < 2^24 for D <= 1024)."""
+    if codes.device.type == "cpu" and hasattr(torch, "_int_mm"):
+        return torch._int_mm(codes, query_codes.T.contiguous())
+    return codes.float() @ query_codes.float().T
 
 
 def _thresholds(scores: Tensor, p: Tensor, alpha: Tensor) -> Tensor:
