@@ -172,10 +172,11 @@ def test_the_int8_sketch_certifies_content_heads_that_page_bounds_leave_open():
     q = torch.randn(1, 4, 1, 32)
     q[0, :2, 0] = 3 * keys[0][0, 100] + 3 * keys[0][0, 3000]
     stats = _check(q, keys, values, cache, alpha=1.5)
-    # Heads 0 and 1 match two keys; heads 2 and 3 have N(0, 1) scores, whose support fills their first pages.
-    assert bool(stats.sketched[0, :2].all()) and not bool(stats.dense[0, :2].any())
-    assert int(stats.pages_read[0, :2].max()) < 0.05 * cache.pages(0)
-    assert bool(stats.dense[0, 2:].all()) and not bool(stats.sketched[0, 2:].any())
+    # Heads 0 and 1 match two keys; heads 2 and 3 have N(0, 1) scores, with a support of a few dozen keys.
+    assert bool(stats.sketched.all()) and not bool(stats.dense.any())
+    assert int(stats.pages_read[0, :2].max()) <= 2
+    assert bool((stats.pages_read[0, 2:] < 0.2 * cache.pages(0)).all())
+    assert bool((stats.pages_read <= stats.support_pages + 10).all())
     codes = cache.key_codes[0, :, : cache.pages(0)].flatten(1, 2).float()
     error = (
         keys[0] - cache.key_scale[0, :, : cache.pages(0)].repeat_interleave(16, 1)[..., None] * codes

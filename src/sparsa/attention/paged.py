@@ -35,6 +35,15 @@ FIRST_GROUP_PAGES = 8
 DENSE_SHARE = 0.5
 """A KV head whose rows would gather more than this share of its pages (summed over rows) reads densely."""
 
+REFINEMENTS = 2
+"""Rounds that read 4x more of the best pages to raise the threshold before the final read."""
+
+SKETCH_OPEN_SHARE = 0.15
+"""Sketch a KV head whose page bounds leave more than this share of its pages open (see below)."""
+
+FLAT_SUPPORT = 0.9
+"""A row whose first pages have this share of their keys in the support is taken to be dense."""
+
 SKETCH_LEVELS = 127
 """int8 codes of the key sketch lie in [-127, 127]."""
 
@@ -327,15 +336,16 @@ class _Rows:
         visible = (slot <= self.position[:, None]) & taken.repeat_interleave(cache.page_size, 1)
         return scores.masked_fill(~visible, -math.inf)
 
-    def _first_threshold(self) -> tuple[Tensor, Tensor]:
-        """A lower bound on each row's tau from its pages of highest bound; the share of them in support."""
-        first = torch.clamp(self.visible_pages, max=FIRST_GROUP_PAGES)
+    def _threshold_of_best(self, width: int = FIRST_GROUP_PAGES) -> tuple[Tensor, Tensor]:
+        """A lower bound on each row's tau from its ``width`` best pages by bound; the share of their keys
+        in that subset's support."""
+        first = torch.clamp(self.visible_pages, max=width)
         _, pages = self._best_pages(int(first.max()))
         scores = self._scores(pages, first)
         weights = _weights(scores, self.alpha)
         tau = _thresholds(scores, weights, self.alpha)
-        held = (weights > 0).view(len(tau), pages.shape[1], -1).any(-1).sum(-1)
-        return tau - BOUND_MARGIN * (1 + tau.abs()), held / first.clamp_min(1)
+        held = (weights > 0).sum(-1) / torch.isfinite(scores).sum(-1).clamp_min(1)
+        return tau - BOUND_MARGIN * (1 + tau.abs()), held
 
     def _candidates(self, tau: Tensor) -> Tensor:
         """Pages whose bound could beat tau, per row."""
@@ -343,17 +353,20 @@ class _Rows:
         return (mass > 0).sum(-1)
 
     def _sketch_where_it_can_pay(self, first_support: Tensor) -> Tensor:
-        """Tighten the bounds with the int8 sketch on the KV heads the page bounds leave mostly open.
+        """Tighten the bounds with the int8 sketch on the KV heads the page bounds leave open.
 
-        Skipped where it cannot pay: softmax rows (no key is provably zero) and heads whose first
-        pages are mostly in the support (a dense row: the sketch would rule out little).
+        The sketch costs D + 2 bytes per key; reading a candidate page exactly costs its keys and
+        values, so the sketch pays once more than SKETCH_OPEN_SHARE of a head's pages are open.
+
+        Skipped where it cannot pay: softmax rows (no key is provably zero) and heads with a row
+        whose first pages are nearly all in the support (a flat row: the sketch would rule out
+        little). The first pages are chosen by the loose page bounds and can miss a row's best
+        keys, so only a nearly flat subset says the row is dense.
         """
         groups = self._groups
-        open_pages = self.candidates.view(groups).amax(-1) * groups[-1]
-        sparse_rows = (self.alpha > 1) & (first_support < 0.5)
-        worth = (open_pages > DENSE_SHARE * self.visible_pages.view(groups).amax(-1)) & sparse_rows.view(
-            groups
-        ).all(-1)
+        open_share = (self.candidates / self.visible_pages.clamp_min(1)).view(groups).amax(-1)
+        sparse_rows = ((self.alpha > 1) & (first_support < FLAT_SUPPORT)).view(groups).all(-1)
+        worth = (open_share > SKETCH_OPEN_SHARE) & sparse_rows
         rows = worth[:, :, None].expand(groups).reshape(-1)
         if bool(worth.any()):
             self.bounds = torch.where(
@@ -364,25 +377,29 @@ class _Rows:
     def _sketch_bounds(self, groups: Tensor) -> Tensor:
         """(R, pages) page bounds from the int8 sketch for the rows of ``groups`` (B, Hkv); +inf elsewhere.
 
-        With k = s c + e (|e_d| <= s / 2, s the page's scale) and the query in int8 too,
-        q = t u + f (|f_d| <= t / 2): q . k <= s (t (u . c) + t ||c||_1 / 2 + ||q||_1 / 2). The
-        integer products u . c are exact; a page's bound is the largest over its keys.
+        With k = s c + e (|e_d| <= s / 2, s the page's scale) and the query in two int8 parts,
+        q = t (u + w / 254) + f (|f_d| <= t / 508): q . c <= t (u . c + w . c / 254 + ||c||_1 / 508)
+        and q . k <= s (q . c + ||q||_1 / 2). The integer products are exact (one int8 matrix
+        product for both parts); a page's bound is the largest over its keys.
         """
         cache, pages = self.cache, self.bounds.shape[1]
         queries = self.query.view(*self._groups, -1)
         bounds = torch.full_like(self.bounds, math.inf).view(*self._groups, pages)
-        half = 0.5 + BOUND_MARGIN
+        margin = 1 + BOUND_MARGIN
         for row, kv_head in groups.nonzero().tolist():
             q = queries[row, kv_head]
             step = q.abs().amax(-1, keepdim=True).clamp_min(1e-30) / SKETCH_LEVELS
-            query_codes = torch.round(q / step).clamp(-SKETCH_LEVELS, SKETCH_LEVELS).to(torch.int8)
-            codes = cache.key_codes[row, kv_head, :pages].view(-1, cache.head_dim)
-            dots = _integer_dots(codes, query_codes).T.float()
-            norms = cache.key_code_norm[row, kv_head, :pages].reshape(1, -1).float()
-            keys = step * (dots + half * norms)
-            largest = keys.view(len(q), pages, cache.page_size).amax(-1) + half * q.abs().sum(
-                -1, keepdim=True
+            high = torch.round(q / step).clamp(-SKETCH_LEVELS, SKETCH_LEVELS)
+            low = torch.round((q - step * high) / step * (2 * SKETCH_LEVELS)).clamp(
+                -SKETCH_LEVELS, SKETCH_LEVELS
             )
+            codes = cache.key_codes[row, kv_head, :pages].view(-1, cache.head_dim)
+            dots = _integer_dots(codes, torch.cat([high, low]).to(torch.int8)).T.float()
+            dots = dots[: len(q)] + dots[len(q) :] / (2 * SKETCH_LEVELS)
+            norms = cache.key_code_norm[row, kv_head, :pages].reshape(1, -1).float()
+            keys = step * (dots + margin * norms / (4 * SKETCH_LEVELS))
+            largest = keys.view(len(q), pages, cache.page_size).amax(-1)
+            largest = largest + (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
             bounds[row, kv_head] = cache.key_scale[row, kv_head, :pages] * largest
         bounds = bounds.view(-1, pages) * self.scale
         page = torch.arange(pages, device=bounds.device)
@@ -403,11 +420,19 @@ class _Rows:
         rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly) instead:
         one pass over its keys for all of its query rows costs less than gathering them per row.
         """
-        tau, first_support = self._first_threshold()
+        tau, first_support = self._threshold_of_best()
         self.candidates = self._candidates(tau)
         self.sketched = self._sketch_where_it_can_pay(first_support)
         if bool(self.sketched.any()):
-            tau = torch.maximum(tau, self._first_threshold()[0])
+            tau = torch.maximum(tau, self._threshold_of_best()[0])
+            self.candidates = self._candidates(tau)
+        width = FIRST_GROUP_PAGES
+        for _ in range(REFINEMENTS):
+            # More pages read, a higher tau, fewer candidates: worth it while they are many.
+            if int(self.candidates.max()) <= 2 * width:
+                break
+            width *= 4
+            tau = torch.maximum(tau, self._threshold_of_best(width)[0])
             self.candidates = self._candidates(tau)
         needed = self.candidates
         self.dropped = torch.zeros_like(tau)
