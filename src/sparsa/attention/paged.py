@@ -32,7 +32,10 @@ from .masks import KeyPadding
 FIRST_GROUP_PAGES = 8
 """Pages read before the first threshold: enough to hold the support of a sharp row."""
 
-DENSE_SHARE = 0.5
+SPARSE_FROM_KEYS = 32768
+"""Below this many keys in every row, the bounds and reads cost more than dense attention (2-core CPU)."""
+
+DENSE_SHARE = 0.2
 """A KV head whose rows would gather more than this share of its pages (summed over rows) reads densely."""
 
 REFINEMENTS = 2
@@ -303,7 +306,6 @@ class _Rows:
         self.visible_pages = torch.where(
             self.position >= 0, self.position.div(cache.page_size, rounding_mode="floor") + 1, 0
         )
-        self.bounds = self._page_bounds()
 
     def _page_bounds(self) -> Tensor:
         """(R, pages): an upper bound on the score of every key of each page the row sees (-inf: none).
@@ -348,9 +350,10 @@ class _Rows:
         return tau - BOUND_MARGIN * (1 + tau.abs()), held
 
     def _candidates(self, tau: Tensor) -> Tensor:
-        """Pages whose bound could beat tau, per row."""
-        mass = _mass_bound(self.bounds, tau[:, None], self.alpha[:, None]).nan_to_num(0.0)
-        return (mass > 0).sum(-1)
+        """Pages whose bound could beat tau, per row (for softmax rows: every visible page)."""
+        alpha = self.alpha[:, None]
+        beats = torch.where(alpha == 1, self.bounds > -math.inf, (alpha - 1) * self.bounds > tau[:, None])
+        return beats.sum(-1)
 
     def _sketch_where_it_can_pay(self, first_support: Tensor) -> Tensor:
         """Tighten the bounds with the int8 sketch on the KV heads the page bounds leave open.
@@ -394,11 +397,12 @@ class _Rows:
                 -SKETCH_LEVELS, SKETCH_LEVELS
             )
             codes = cache.key_codes[row, kv_head, :pages].view(-1, cache.head_dim)
-            dots = _integer_dots(codes, torch.cat([high, low]).to(torch.int8)).T.float()
-            dots = dots[: len(q)] + dots[len(q) :] / (2 * SKETCH_LEVELS)
-            norms = cache.key_code_norm[row, kv_head, :pages].reshape(1, -1).float()
-            keys = step * (dots + margin * norms / (4 * SKETCH_LEVELS))
-            largest = keys.view(len(q), pages, cache.page_size).amax(-1)
+            dots = _integer_dots(codes, torch.cat([high, low]).to(torch.int8))
+            # 254 (u . c) + w . c and 254 ||c||_1 / 508 in one integer-valued sum per key: (N, rows).
+            dots = dots[:, : len(q)] * (2 * SKETCH_LEVELS) + dots[:, len(q) :]
+            norms = cache.key_code_norm[row, kv_head, :pages].reshape(-1, 1)
+            keys = dots.float().add_(norms.float(), alpha=0.5 * margin)
+            largest = keys.view(pages, cache.page_size, len(q)).amax(1).T * (step / (2 * SKETCH_LEVELS))
             largest = largest + (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
             bounds[row, kv_head] = cache.key_scale[row, kv_head, :pages] * largest
         bounds = bounds.view(-1, pages) * self.scale
@@ -420,6 +424,9 @@ class _Rows:
         rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly) instead:
         one pass over its keys for all of its query rows costs less than gathering them per row.
         """
+        if int(self.visible_pages.max()) * self.cache.page_size < SPARSE_FROM_KEYS:
+            return self._dense_plan()
+        self.bounds = self._page_bounds()
         tau, first_support = self._threshold_of_best()
         self.candidates = self._candidates(tau)
         self.sketched = self._sketch_where_it_can_pay(first_support)
@@ -428,10 +435,10 @@ class _Rows:
             self.candidates = self._candidates(tau)
         width = FIRST_GROUP_PAGES
         for _ in range(REFINEMENTS):
-            # More pages read, a higher tau, fewer candidates: worth it while they are many.
-            if int(self.candidates.max()) <= 2 * width:
-                break
+            # Reading 4x more of the best pages raises tau; it pays only where far more are candidates.
             width *= 4
+            if int(self.candidates.max()) <= 4 * width:
+                break
             tau = torch.maximum(tau, self._threshold_of_best(width)[0])
             self.candidates = self._candidates(tau)
         needed = self.candidates
@@ -452,6 +459,15 @@ class _Rows:
         self.dropped = self.dropped.masked_fill(dense_rows, 0.0)
         _, pages = self._best_pages(int(needed.max()))
         return pages[:, : max(1, int(needed.max()))], needed, dense
+
+    def _dense_plan(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every KV head dense, without bounds: what short caches get."""
+        self.candidates = self.visible_pages
+        self.dropped = torch.zeros(len(self.position), device=self.position.device)
+        self.sketched = torch.zeros_like(self.position, dtype=torch.bool)
+        batch, kv_heads, _ = self._groups
+        never = torch.zeros_like(self.position)
+        return never[:, None], never, torch.ones(batch, kv_heads, dtype=torch.bool, device=never.device)
 
     @property
     def _groups(self) -> tuple[int, int, int]:
