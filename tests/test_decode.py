@@ -47,17 +47,16 @@ def _dense(q, keys, values, **options):
     )  # fmt: skip
 
 
-SHORT_CACHE_KEYS = paged.SPARSE_FROM_KEYS
-
-
 @pytest.fixture(autouse=True)
 def _sparse_at_any_length(monkeypatch):
-    """The caches here are small: plan sparsely at every length (the default goes dense below 32k keys)."""
-    monkeypatch.setattr(paged, "SPARSE_FROM_KEYS", 0)
+    """The caches here are small: plan sparsely at every length (the default goes dense below 32k keys).
+
+    Set as decode's default, so that the model's paged cache plans too."""
+    monkeypatch.setattr(paged.decode, "__kwdefaults__", {**paged.decode.__kwdefaults__, "dense_below": 0})
 
 
 def test_short_caches_decode_densely_without_bounds(monkeypatch):
-    monkeypatch.setattr(paged, "SPARSE_FROM_KEYS", SHORT_CACHE_KEYS)
+    monkeypatch.setattr(paged.decode, "__kwdefaults__", {**paged.decode.__kwdefaults__, "dense_below": 32768})
     torch.manual_seed(9)
     keys, values = (
         [torch.randn(2, 300, 8), torch.randn(2, 40, 8)],

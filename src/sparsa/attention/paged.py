@@ -32,8 +32,9 @@ from .masks import KeyPadding
 FIRST_GROUP_PAGES = 8
 """Pages read before the first threshold: enough to hold the support of a sharp row."""
 
-SPARSE_FROM_KEYS = 32768
-"""Below this many keys in every row, the bounds and reads cost more than dense attention (2-core CPU)."""
+DENSE_BELOW = 32768
+"""decode's default: below this many keys in every row, planning costs more than dense attention
+(measured on a 2-core CPU: `sparsa bench decode`)."""
 
 DENSE_SHARE = 0.2
 """A KV head whose rows would gather more than this share of its pages (summed over rows) reads densely."""
@@ -255,6 +256,7 @@ def decode(
     scale: float | None = None,
     alibi_slopes: Tensor | None = None,
     max_dropped_mass: float = 0.0,
+    dense_below: int = DENSE_BELOW,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, DecodeStats]:
     """alpha-entmax attention of q over the cache, reading only the pages that can hold weight.
@@ -272,6 +274,9 @@ def decode(
             attn_mask=KeyPadding(lengths, "left"), alibi_slopes=...)`` over the
             left-padded cache. eps > 0 stops reading once the weight that all
             unread keys could still take is at most eps (reported per row).
+        dense_below: a cache whose rows all hold fewer keys than this is decoded
+            densely without bounds (the bounds and gathers cost more than they
+            save there); 0 plans at every length.
         return_stats: also return :class:`DecodeStats`.
     """
     heads = _check_query(q, cache)
@@ -282,8 +287,10 @@ def decode(
     if not 0 <= max_dropped_mass < 1:
         raise ValueError(f"max_dropped_mass must lie in [0, 1), got {max_dropped_mass}")
     slopes = _check_slopes(alibi_slopes, q.shape[0], heads, q.device)
+    if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
+        raise ValueError(f"dense_below must be an integer >= 0, got {dense_below!r}")
     rows = _Rows(q, cache, alpha_heads, slopes, scale)
-    out, stats = rows.decode(float(max_dropped_mass), alpha, alibi_slopes, return_stats)
+    out, stats = rows.decode(float(max_dropped_mass), dense_below, alpha, alibi_slopes, return_stats)
     return (out, stats) if return_stats else out
 
 
@@ -414,7 +421,7 @@ class _Rows:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
         return self.bounds.topk(max(1, min(width, self.bounds.shape[1])), -1)
 
-    def plan(self, max_dropped_mass: float) -> tuple[Tensor, Tensor, Tensor]:
+    def plan(self, max_dropped_mass: float, dense_below: int) -> tuple[Tensor, Tensor, Tensor]:
         """The pages each row reads (R, W), how many of them count (R,), and the groups decoded densely.
 
         The first group (the pages of highest bound) gives a threshold tau, a lower bound on the
@@ -424,7 +431,7 @@ class _Rows:
         rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly) instead:
         one pass over its keys for all of its query rows costs less than gathering them per row.
         """
-        if int(self.visible_pages.max()) * self.cache.page_size < SPARSE_FROM_KEYS:
+        if int(self.visible_pages.max()) * self.cache.page_size < dense_below:
             return self._dense_plan()
         self.bounds = self._page_bounds()
         tau, first_support = self._threshold_of_best()
@@ -476,11 +483,11 @@ class _Rows:
         return batch, self.cache.kv_heads, heads // self.cache.kv_heads * n_q
 
     def decode(
-        self, max_dropped_mass: float, alpha, alibi_slopes, counted: bool
+        self, max_dropped_mass: float, dense_below: int, alpha, alibi_slopes, counted: bool
     ) -> tuple[Tensor, DecodeStats]:
         """The output, and the stats (``counted`` False: without the support of densely decoded rows)."""
         cache = self.cache
-        pages, needed, dense = self.plan(max_dropped_mass)
+        pages, needed, dense = self.plan(max_dropped_mass, dense_below)
         scores = self._scores(pages, needed)
         p = _weights(scores, self.alpha)
         values = cache.values[self.b[:, None], self.g[:, None], pages].flatten(1, 2).float()

@@ -188,7 +188,9 @@ def _page_shares(q, k, options, positions: range):
         cache.append(keys, torch.zeros_like(keys))
         query = q[:, :, position : position + 1]
         slopes = options["alibi_slopes"]
-        _, stats = decode(query, cache, alpha=options["alpha"], alibi_slopes=slopes, return_stats=True)
+        _, stats = decode(
+            query, cache, alpha=options["alpha"], alibi_slopes=slopes, dense_below=0, return_stats=True
+        )
         scores = (query @ keys.transpose(-1, -2)) / k.shape[3] ** 0.5
         if slopes is not None:
             scores = scores + slopes[:, None, None] * (torch.arange(position + 1) - position)
