@@ -27,7 +27,10 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from ..normalize import entmax
+from .api import _check_alpha, _check_scale, attention
 from .masks import KeyPadding
+from .stats import thresholds_of
 
 FIRST_GROUP_PAGES = 8
 """Pages read before the first threshold: enough to hold the support of a sharp row."""
@@ -64,8 +67,9 @@ class PagedKVCache:
     Each batch row holds its own number of tokens (``lengths``), stored from
     page 0 on without padding. ``append`` adds a chunk of tokens, one or many,
     to every row (with a :class:`KeyPadding` saying which tokens of the chunk
-    are real for each row) and updates the per-page key minima and maxima
-    that bound the scores. Storage grows by doubling.
+    are real for each row) and updates the per-page summaries that bound the
+    scores: key minima and maxima, and the int8 key sketch. Storage grows by
+    doubling.
     """
 
     def __init__(
@@ -92,8 +96,6 @@ class PagedKVCache:
         self.values = torch.empty(batch, kv_heads, 0, page_size, value_dim, dtype=dtype, device=device)
         summary = torch.empty(batch, kv_heads, 0, head_dim, dtype=torch.float32, device=device)
         self.key_min, self.key_max = summary, summary.clone()
-        self.key_magnitude = torch.zeros(batch, kv_heads, dtype=torch.float32, device=device)
-        """The largest |k_d| of each (row, KV head) so far: it scales the rounding margin of the bounds."""
         self.key_codes = torch.empty(batch, kv_heads, 0, page_size, head_dim, dtype=torch.int8, device=device)
         self.key_scale = torch.empty(batch, kv_heads, 0, dtype=torch.float32, device=device)
         self.key_code_norm = torch.empty(batch, kv_heads, 0, page_size, dtype=torch.int16, device=device)
@@ -121,6 +123,10 @@ class PagedKVCache:
         return self.keys.device
 
     @property
+    def value_dim(self) -> int:
+        return self.values.shape[4]
+
+    @property
     def page_capacity(self) -> int:
         return self.keys.shape[2]
 
@@ -138,7 +144,7 @@ class PagedKVCache:
         ends = self.lengths + counts
         self._reserve(int(ends.max()) if ends.numel() else 0)
         flat_keys = self.keys.view(self.batch, self.kv_heads, -1, self.head_dim)
-        flat_values = self.values.view(self.batch, self.kv_heads, -1, self.values.shape[-1])
+        flat_values = self.values.view(self.batch, self.kv_heads, -1, self.value_dim)
         for row in range(self.batch):
             count, start = int(counts[row]), int(self.lengths[row])
             if count == 0:
@@ -160,7 +166,7 @@ class PagedKVCache:
         """Keys (1, Hkv, N, D) and values (1, Hkv, N, Dv) of one row, as views of the pages."""
         length = int(self.lengths[row])
         keys = self.keys[row : row + 1].reshape(1, self.kv_heads, -1, self.head_dim)[:, :, :length]
-        values = self.values[row : row + 1].reshape(1, self.kv_heads, -1, self.values.shape[-1])
+        values = self.values[row : row + 1].reshape(1, self.kv_heads, -1, self.value_dim)
         return keys, values[:, :, :length]
 
     def _summarise(self, row: int, first_page: int, end_page: int, length: int) -> None:
@@ -173,8 +179,6 @@ class PagedKVCache:
             low = pages.masked_fill(~filled, math.inf).amin(2)
             high = pages.masked_fill(~filled, -math.inf).amax(2)
             self.key_min[row, :, start:end], self.key_max[row, :, start:end] = low, high
-            largest = torch.maximum(high, -low).amax((1, 2))
-            self.key_magnitude[row] = torch.maximum(self.key_magnitude[row], largest)
             scale = torch.maximum(high, -low).amax(-1) / SKETCH_LEVELS
             codes = torch.round(pages.masked_fill(~filled, 0.0) / scale.clamp_min(1e-30)[..., None, None])
             codes = codes.clamp(-SKETCH_LEVELS, SKETCH_LEVELS)
@@ -195,7 +199,7 @@ class PagedKVCache:
             setattr(self, name, grown)
 
     def _check_chunk(self, k: Tensor, v: Tensor) -> None:
-        for name, x, width in (("k", k, self.head_dim), ("v", v, self.values.shape[-1])):
+        for name, x, width in (("k", k, self.head_dim), ("v", v, self.value_dim)):
             if not isinstance(x, Tensor) or x.dim() != 4:
                 raise ValueError(f"{name} must be a tensor (batch, kv_heads, tokens, dim)")
             if x.shape[0] != self.batch or x.shape[1] != self.kv_heads or x.shape[3] != width:
@@ -225,7 +229,7 @@ class DecodeStats:
 
     pages_read / keys_read: pages and real keys whose keys were read;
     pages_visible: pages the row could see; candidate_pages: pages whose bound
-    beat the first threshold (a page holding support is always one);
+    beat the final threshold lower bound (a page holding support is always one);
     support / support_pages: keys with nonzero weight and the pages holding
     them; dropped_mass_bound: a proven upper bound on the weight of the keys
     left unread (0 when exact); bytes_read: keys and values read over the
@@ -280,8 +284,8 @@ def decode(
         return_stats: also return :class:`DecodeStats`.
     """
     heads = _check_query(q, cache)
-    alpha_heads = _check_alpha(alpha, heads, q.device)
-    scale = 1 / math.sqrt(q.shape[3]) if scale is None else _check_positive("scale", scale)
+    alpha_heads = _alpha_per_head(alpha, heads, q.device)
+    scale = 1 / math.sqrt(q.shape[3]) if scale is None else _check_scale(scale)
     if isinstance(max_dropped_mass, bool) or not isinstance(max_dropped_mass, Real):
         raise TypeError(f"max_dropped_mass must be a number, got {type(max_dropped_mass).__name__}")
     if not 0 <= max_dropped_mass < 1:
@@ -325,13 +329,19 @@ class _Rows:
         low, high = cache.key_min[:, :, :pages], cache.key_max[:, :, :pages]
         q = self.query.view(batch, cache.kv_heads, -1, cache.head_dim)
         dot = q.clamp_min(0) @ high.transpose(-1, -2) - (-q).clamp_min(0) @ low.transpose(-1, -2)
-        # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of it.
-        size = q.abs().sum(-1, keepdim=True) * cache.key_magnitude[:, :, None, None]
-        bound = (dot + BOUND_MARGIN * size).reshape(-1, pages) * self.scale
+        # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of it;
+        # max|k_d| over the pages is their largest sketch scale times SKETCH_LEVELS.
+        largest_key = cache.key_scale[:, :, :pages].amax(-1) * SKETCH_LEVELS
+        size = q.abs().sum(-1, keepdim=True) * largest_key[:, :, None, None]
+        bound = (dot + BOUND_MARGIN * size).reshape(-1, pages) * self.scale + self._page_bias(pages)
         page = torch.arange(pages, device=q.device)
-        last_key = torch.minimum((page + 1) * cache.page_size - 1, self.position[:, None])
-        bound = bound + self.slope[:, None] * (last_key - self.position[:, None])
         return bound.masked_fill(page >= self.visible_pages[:, None], -math.inf)
+
+    def _page_bias(self, pages: int) -> Tensor:
+        """(R, pages): the largest ALiBi bias of each page, at its last key the row sees."""
+        page = torch.arange(pages, device=self.position.device)
+        last_key = torch.minimum((page + 1) * self.cache.page_size - 1, self.position[:, None])
+        return self.slope[:, None] * (last_key - self.position[:, None])
 
     def _scores(self, pages: Tensor, count: Tensor) -> Tensor:
         """Scores (R, W * P) of the pages (R, W) each row reads; only the first ``count`` of a row count."""
@@ -352,7 +362,7 @@ class _Rows:
         _, pages = self._best_pages(int(first.max()))
         scores = self._scores(pages, first)
         weights = _weights(scores, self.alpha)
-        tau = _thresholds(scores, weights, self.alpha)
+        tau = thresholds_of(scores, weights, self.alpha[:, None])
         held = (weights > 0).sum(-1) / torch.isfinite(scores).sum(-1).clamp_min(1)
         return tau - BOUND_MARGIN * (1 + tau.abs()), held
 
@@ -377,7 +387,7 @@ class _Rows:
         open_share = (self.candidates / self.visible_pages.clamp_min(1)).view(groups).amax(-1)
         sparse_rows = ((self.alpha > 1) & (first_support < FLAT_SUPPORT)).view(groups).all(-1)
         worth = (open_share > SKETCH_OPEN_SHARE) & sparse_rows
-        rows = worth[:, :, None].expand(groups).reshape(-1)
+        rows = self._rows_of(worth)
         if bool(worth.any()):
             self.bounds = torch.where(
                 rows[:, None], torch.minimum(self.bounds, self._sketch_bounds(worth)), self.bounds
@@ -412,10 +422,7 @@ class _Rows:
             largest = keys.view(pages, cache.page_size, len(q)).amax(1).T * (step / (2 * SKETCH_LEVELS))
             largest = largest + (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
             bounds[row, kv_head] = cache.key_scale[row, kv_head, :pages] * largest
-        bounds = bounds.view(-1, pages) * self.scale
-        page = torch.arange(pages, device=bounds.device)
-        last_key = torch.minimum((page + 1) * cache.page_size - 1, self.position[:, None])
-        return bounds + self.slope[:, None] * (last_key - self.position[:, None])
+        return bounds.view(-1, pages) * self.scale + self._page_bias(pages)
 
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
@@ -461,11 +468,12 @@ class _Rows:
         groups = self._groups
         gathered = needed.view(groups).amax(-1) * groups[-1]
         dense = gathered > DENSE_SHARE * self.visible_pages.view(groups).amax(-1)
-        dense_rows = dense[:, :, None].expand(groups).reshape(-1)
+        dense_rows = self._rows_of(dense)
         needed = needed.masked_fill(dense_rows, 0)
         self.dropped = self.dropped.masked_fill(dense_rows, 0.0)
+        # Only now: rows of heads decoded densely need no pages, so the top-k is over fewer.
         _, pages = self._best_pages(int(needed.max()))
-        return pages[:, : max(1, int(needed.max()))], needed, dense
+        return pages, needed, dense
 
     def _dense_plan(self) -> tuple[Tensor, Tensor, Tensor]:
         """Every KV head dense, without bounds: what short caches get."""
@@ -475,6 +483,10 @@ class _Rows:
         batch, kv_heads, _ = self._groups
         never = torch.zeros_like(self.position)
         return never[:, None], never, torch.ones(batch, kv_heads, dtype=torch.bool, device=never.device)
+
+    def _rows_of(self, groups: Tensor) -> Tensor:
+        """(R,): each row's value of its (batch row, KV head) entry in ``groups`` (B, Hkv)."""
+        return groups[:, :, None].expand(self._groups).reshape(-1)
 
     @property
     def _groups(self) -> tuple[int, int, int]:
@@ -495,10 +507,10 @@ class _Rows:
         keys_read = torch.isfinite(scores).sum(-1)
         support = (p > 0).sum(-1)
         support_pages = (p > 0).view(p.shape[0], pages.shape[1], cache.page_size).any(-1).sum(-1)
-        bytes_per_key = cache.keys.element_size() * (cache.head_dim + cache.values.shape[-1])
+        bytes_per_key = cache.keys.element_size() * (cache.head_dim + cache.value_dim)
         bytes_read = int(keys_read.sum()) * bytes_per_key
         pages_read = needed.clone()
-        dense_rows = dense[:, :, None].expand(self._groups).reshape(-1)
+        dense_rows = self._rows_of(dense)
         sketch_pages = cache.pages()[:, None].expand_as(dense)[self.sketched.view(self._groups).any(-1)]
         bytes_read += int(sketch_pages.sum()) * cache.page_size * (cache.head_dim + 2)
         if bool(dense.any()):
@@ -533,16 +545,6 @@ def _integer_dots(codes: Tensor, query_codes: Tensor) -> Tensor:
     return codes.float() @ query_codes.float().T
 
 
-def _thresholds(scores: Tensor, p: Tensor, alpha: Tensor) -> Tensor:
-    """Per row, from scores and their weights p: tau of entmax (alpha > 1, in units of (alpha-1) * score)
-    or the log-partition (alpha = 1); +inf for rows without a visible key."""
-    top, index = p.max(-1)
-    score = scores.gather(-1, index[:, None])[:, 0]
-    entmax_tau = (alpha - 1) * score - top.clamp_min(1e-38).pow(alpha - 1)
-    softmax_tau = score - top.clamp_min(1e-38).log()
-    return torch.where(top > 0, torch.where(alpha == 1, softmax_tau, entmax_tau), math.inf)
-
-
 def _mass_bound(bound: Tensor, tau: Tensor, alpha: Tensor) -> Tensor:
     """The largest weight one key with score at most ``bound`` can have, given a threshold lower bound."""
     excess = ((alpha - 1) * bound - tau).clamp_min(0)
@@ -552,8 +554,6 @@ def _mass_bound(bound: Tensor, tau: Tensor, alpha: Tensor) -> Tensor:
 
 
 def _weights(scores: Tensor, alpha: Tensor) -> Tensor:
-    from ..normalize import entmax
-
     if bool((alpha == alpha[0]).all()):
         return entmax(scores, float(alpha[0]), dim=-1)
     return entmax(scores, alpha[:, None], dim=-1)
@@ -570,8 +570,6 @@ def _dense_decode(
     counted: bool,
 ) -> Tensor:
     """Dense attention of the (row, KV head) ``groups`` (B, Hkv) into ``out``; support if ``counted``."""
-    from .api import attention
-
     batch, heads, n_q, _ = q.shape
     group = heads // cache.kv_heads
     support = torch.zeros(batch, heads, n_q, dtype=torch.long, device=q.device)
@@ -611,12 +609,6 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 def _check_query(q: Tensor, cache: PagedKVCache) -> int:
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -636,10 +628,8 @@ def _check_query(q: Tensor, cache: PagedKVCache) -> int:
     return heads
 
 
-def _check_alpha(alpha: float | Tensor, heads: int, device: torch.device) -> Tensor:
-    from .api import _check_alpha as check
-
-    checked = check(alpha, heads, device)
+def _alpha_per_head(alpha: float | Tensor, heads: int, device: torch.device) -> Tensor:
+    checked = _check_alpha(alpha, heads, device)
     if isinstance(checked, Tensor):
         return checked.detach().float()
     return torch.full((heads,), checked, device=device)

@@ -182,10 +182,11 @@ def model_certificates(length: int = 1024, seed: int = 0, every: int = 8) -> lis
 def _page_shares(q, k, options, positions: range):
     """Per head (H, rows): candidate pages by the bounds, pages holding support, visible pages."""
     candidates, support, visible = [], [], []
+    cache = PagedKVCache(1, k.shape[1], k.shape[3], page_size=PAGE_SIZE)
     for position in positions:
         keys = k[:, :, : position + 1]
-        cache = PagedKVCache(1, k.shape[1], k.shape[3], page_size=PAGE_SIZE)
-        cache.append(keys, torch.zeros_like(keys))
+        new = k[:, :, int(cache.lengths[0]) : position + 1]
+        cache.append(new, torch.zeros_like(new))
         query = q[:, :, position : position + 1]
         slopes = options["alibi_slopes"]
         _, stats = decode(

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from ..layers.scaling import SCALINGS
-from .train import RESUMABLE_CHANGES, RunConfig
+from .train import RunConfig, unresumable_changes
 from .variants import PRESETS, VARIANTS, preset
 
 MODEL_OPTIONS = {
@@ -130,7 +130,7 @@ def run_config(args: argparse.Namespace, variant: str | None = None, seed: int |
 
 
 def resumed_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
-    """The saved run with the options typed now; only RESUMABLE_CHANGES may differ from it."""
+    """The saved run with the options typed now; only train.RESUMABLE_CHANGES may differ from it."""
     typed = _train_options(args)
     if args.preset is not None:
         chosen = preset(args.preset)
@@ -146,9 +146,7 @@ def resumed_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
     if model:
         typed["model"] = {**typed.get("model", saved.model), **model}
     config = dataclasses.replace(saved, **typed)
-    changed = [
-        k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k not in RESUMABLE_CHANGES
-    ]
+    changed = unresumable_changes(saved, config)
     if changed:
         raise ValueError(
             f"--resume continues a run as it was set up; these options differ from the run's: {changed}; "

@@ -100,6 +100,12 @@ def training_lengths(record: dict) -> tuple[int, int]:
     return record.get("min_train_length") or record["train_length"], record["train_length"]
 
 
+def trained_on(record: dict) -> str:
+    """The training lengths in words: "lengths 8-16", or "length 16" for a single one."""
+    shortest, longest = training_lengths(record)
+    return f"lengths {shortest}-{longest}" if shortest < longest else f"length {longest}"
+
+
 def sample_note(record: dict, metric: str) -> str:
     """How many seeds and examples stand behind each point of ``metric``, for a figure or a table."""
     rows = [row for row in record["results"] if metric in row]
@@ -148,12 +154,11 @@ def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
     if len({row["seed"] for row in record["results"]}) > 1:
         axes.scatter([], [], s=10, alpha=0.35, color="black", label="one seed")
     shortest, longest = training_lengths(record)
+    label = f"training {trained_on(record)}"
     if shortest < longest:
-        axes.axvspan(
-            shortest, longest, color="grey", alpha=0.2, label=f"training lengths {shortest}-{longest}"
-        )
+        axes.axvspan(shortest, longest, color="grey", alpha=0.2, label=label)
     else:
-        axes.axvline(longest, color="grey", linestyle=":", label=f"training length {longest}")
+        axes.axvline(longest, color="grey", linestyle=":", label=label)
     axes.set_xscale("log", base=2)
     if metric in LOG_SCALE_METRICS:
         axes.set_yscale("log")
@@ -176,9 +181,7 @@ def report(record: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     present = [m for m in METRICS if any(m in row for row in record["results"])]
-    shortest, longest = training_lengths(record)
-    trained = f"lengths {shortest}-{longest}" if shortest < longest else f"length {longest}"
-    sections = [f"# {record['task']} (trained on {trained})\n"]
+    sections = [f"# {record['task']} (trained on {trained_on(record)})\n"]
     sections += [f"## {METRICS[m]}\n\n{table(record, m)}" for m in present]
     written = [out / "table.md"]
     written[0].write_text("\n".join(sections))

@@ -170,18 +170,10 @@ def is_finished(out: str | Path) -> bool:
     return (out / RUN_FILE).exists() and trained_steps(out) >= RunConfig.load(out).steps
 
 
-def _check_resumable(config: RunConfig, out: Path) -> None:
-    if not (out / RUN_FILE).exists():
-        return
-    saved = RunConfig.load(out).to_dict()
-    changed = [k for k, v in config.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES]
-    if changed:
-        raise ValueError(
-            f"resume needs the run's own settings; these differ from {out / RUN_FILE}: {changed}"
-        )
-    done = trained_steps(out)
-    if config.steps < done:
-        raise ValueError(f"{out} has trained {done} steps already; steps must be at least {done}")
+def unresumable_changes(saved: RunConfig, config: RunConfig) -> list[str]:
+    """The settings of ``config`` that differ from the run's ``saved`` ones and a resume may not change."""
+    before = saved.to_dict()
+    return [k for k, v in config.to_dict().items() if before[k] != v and k not in RESUMABLE_CHANGES]
 
 
 def _drop_log_after(path: Path, step: int) -> None:
@@ -222,8 +214,12 @@ def _train(config: RunConfig, out: Path, resume: bool, cluster: distributed.Clus
         raise FileExistsError(
             f"{out} holds a run already: continue it with resume (--resume), or choose another out"
         )
-    if resume:
-        _check_resumable(config, out)
+    if resume and (out / RUN_FILE).exists():
+        changed = unresumable_changes(RunConfig.load(out), config)
+        if changed:
+            raise ValueError(
+                f"resume needs the run's own settings; these differ from {out / RUN_FILE}: {changed}"
+            )
 
     torch.manual_seed(config.seed)
     model = Transformer(config.model_config()).to(cluster.device)
@@ -237,6 +233,10 @@ def _train(config: RunConfig, out: Path, resume: bool, cluster: distributed.Clus
         optimizer.load_state_dict(state["optimizer"])
         start_step, best = state["step"], state["best"]
         saved_step = start_step
+        if config.steps < start_step:
+            raise ValueError(
+                f"{out} has trained {start_step} steps already; steps must be at least {start_step}"
+            )
     if cluster.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
