@@ -16,8 +16,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noq
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 import sparsa  # noqa: E402
-from sparsa.attention import KeyPadding  # noqa: E402
+from sparsa.attention import DecodeStats, KeyPadding  # noqa: E402
 from sparsa.integrations.transformers import (  # noqa: E402
+    PagedCache,
     attention_modules,
     from_pretrained,
     sparsa_attention,
@@ -25,6 +26,10 @@ from sparsa.integrations.transformers import (  # noqa: E402
 )
 
 VOCAB = 61
+CACHE_ARGUMENT = (
+    "cache" if "cache" in getattr(transformers.generation.utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+)
+"""The name generate and forward give a cache the caller passes (past_key_values before transformers 5.x)."""
 HAND = "sparsa-by-hand"
 
 
@@ -237,6 +242,93 @@ def test_static_cache_generates_what_the_dynamic_cache_does():
         }
         dynamic = model.generate(ids, **options)
         torch.testing.assert_close(model.generate(ids, cache_implementation="static", **options), dynamic)
+
+
+@pytest.fixture
+def plan_every_length(monkeypatch):
+    """Make decode plan with its page bounds on these short caches instead of going dense."""
+    paged = importlib.import_module("sparsa.attention.paged")
+    monkeypatch.setattr(paged.decode, "__kwdefaults__", {**paged.decode.__kwdefaults__, "dense_below": 0})
+
+
+def _generate(model, ids, mask, steps, cache=None):
+    options = {} if cache is None else {CACHE_ARGUMENT: cache}
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=None,
+        output_scores=True, return_dict_in_generate=True, **options,
+    )  # fmt: skip
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize(
+    "conversion",
+    [{"alpha": 1.5, "scaling": "asentmax"}, {"alpha": 2.0}, {"alpha": 1.25, "learn_alpha": True}],
+    ids=["asentmax", "sparsemax", "learnt-alpha"],
+)
+def test_the_paged_cache_generates_what_the_dense_cache_does(family, padding, conversion, plan_every_length):
+    torch.manual_seed(8)
+    model = sparsify(_tiny(family), **conversion)
+    _perturb_sparsa_parameters(model)
+    ids, mask = _left_padded_batch(length=23)
+    if padding == "none":
+        mask = torch.ones_like(mask)
+    elif padding == "right":
+        mask = mask.flip(-1)
+    dense, dense_scores = _generate(model, ids, mask, 10)
+    cache = PagedCache(model, page_size=3, keep_stats=True)
+    paged, paged_scores = _generate(model, ids, mask, 10, cache)
+    torch.testing.assert_close(paged, dense)
+    torch.testing.assert_close(paged_scores, dense_scores, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1] + 9
+    real = mask.sum(-1) + 9
+    for stats, layer in zip(cache.stats, cache.layers, strict=True):
+        assert isinstance(stats, DecodeStats)
+        torch.testing.assert_close(layer.pages.lengths, real)
+        assert bool((stats.pages_read <= stats.pages_visible).all())
+
+
+def test_the_paged_cache_skips_pages_of_a_sparse_model(plan_every_length):
+    """Sharp sparsemax heads (large query and key weights, slow RoPE) over a 600-token prompt."""
+    torch.manual_seed(1)
+    model = sparsify(_tiny("llama", rope_theta=1e6, max_position_embeddings=1024), 2.0)
+    with torch.no_grad():
+        for module in attention_modules(model):
+            module.q_proj.weight.mul_(30.0)
+            module.k_proj.weight.mul_(3.0)
+    ids = torch.randint(4, VOCAB, (2, 600))
+    cache = PagedCache(model, page_size=8, keep_stats=True)
+    dense, _ = _generate(model, ids, None, 2)
+    paged, _ = _generate(model, ids, None, 2, cache)
+    torch.testing.assert_close(paged, dense)
+    read = sum(int(s.pages_read.sum()) for s in cache.stats)
+    visible = sum(int(s.pages_visible.sum()) for s in cache.stats)
+    assert read < 0.25 * visible
+
+
+def test_the_paged_cache_refuses_what_it_cannot_decode():
+    model = sparsify(_tiny("llama"), 1.5)
+    ids, mask = _left_padded_batch()
+    with pytest.raises(ValueError, match="sparsify"):
+        PagedCache(_tiny("llama"))
+    with pytest.raises(ValueError, match="page_size"):
+        PagedCache(model, page_size=0)
+    with pytest.raises(ValueError, match="max_dropped_mass"):
+        PagedCache(model, max_dropped_mass=1.0)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        options = {CACHE_ARGUMENT: PagedCache(model)}
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, **options)
+    cache = {CACHE_ARGUMENT: PagedCache(model)}
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **cache)
+        holes = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        holes[1, 3] = 0
+        with pytest.raises(ValueError, match="real tokens only"):
+            model(ids[:, :1], attention_mask=holes, **cache)
+    _use(model, "eager")
+    with pytest.raises(RuntimeError, match="sparsify"), torch.no_grad():
+        model(ids, **{CACHE_ARGUMENT: PagedCache(model)})
 
 
 def test_training_steps_reduce_the_loss():

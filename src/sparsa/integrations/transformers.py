@@ -14,6 +14,9 @@ Mistral, Gemma, ...) run their attention through :func:`sparsa.attention`::
     model.save_pretrained("converted")
     model = from_pretrained("converted")             # reloads as converted
 
+    # exact sparse decoding: reads only the cache pages that can hold weight
+    out = model.generate(ids, past_key_values=PagedCache(model), max_new_tokens=64)
+
 :func:`sparsify` adds a :class:`SparsaControls` module (``.sparsa``) to every
 attention module: the entmax alpha (fixed, or learnt per head) and the
 length-aware scaling of the queries, whose ASEntmax projections read the
@@ -30,12 +33,13 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-from ..attention import BACKENDS, KeyPadding, attention
+from ..attention import BACKENDS, DecodeStats, KeyPadding, PagedKVCache, attention, decode
 from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
 from ..normalize._validate import compute_dtype
 
 try:
     import transformers
+    from transformers.cache_utils import Cache, DynamicLayer
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 except ImportError as error:  # pragma: no cover - exercised only without the extra
@@ -91,6 +95,8 @@ class SparsaControls(nn.Module):
         self.register_buffer("scaled_heads", torch.tensor(list(heads), dtype=torch.long), persistent=False)
         self.scaling = make_scaling(scaling, d_model, len(heads), **scaling_options)
         self.input: Tensor | None = None
+        self.pages: PagedLayer | None = None
+        """The :class:`PagedCache` layer that took this module's new keys, until attention reads it."""
 
     @property
     def alpha(self) -> float | Tensor:
@@ -139,17 +145,28 @@ def sparsa_attention(
             f"{type(module).__name__} has no sparsa settings: convert the model with "
             "sparsa.integrations.transformers.sparsify(model, ...) or load it with from_pretrained"
         )
-    n_q, n_k = query.shape[2], key.shape[2]
+    pages, controls.pages = controls.pages, None
+    n_q = query.shape[2]
+    n_k = key.shape[2] if pages is None else pages.positions
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     if attention_mask is not None:
         attention_mask = _fit_mask(attention_mask, n_k)
-    elif causal and 1 < n_q < n_k:
+    elif causal and 1 < n_q < n_k and pages is None:
         # transformers leaves out the mask here only when prefilling an empty static cache: the
         # queries are the first keys and the rest are unwritten slots (torch SDPA's upper-left causal mask).
         key, value, n_k = key[:, :, :n_q], value[:, :, :n_q], n_q
-    if controls.scaling is not None:
+    if controls.scaling is not None or pages is not None:
         visible = _visible_keys(attention_mask, causal, query.shape[0], n_q, n_k, query.device)
+    if controls.scaling is not None:
         query = query * controls.query_scale(visible)[..., None].to(query.dtype)
+    if pages is not None:
+        if not causal:
+            raise ValueError("a PagedCache decodes causal attention only")
+        if dropout:
+            raise ValueError("a PagedCache decodes without attention dropout: call model.eval() first")
+        out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, scaling)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None:
         padding = KeyPadding.of_causal_mask(attention_mask)
         attention_mask, causal = (attention_mask, False) if padding is None else (padding, True)
@@ -197,6 +214,149 @@ def _forget_input(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
 
 AttentionInterface.register(IMPLEMENTATION, sparsa_attention)
 AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+class PagedLayer(DynamicLayer):
+    """One layer of a :class:`PagedCache`: the real keys and values of each row in a :class:`PagedKVCache`.
+
+    ``update`` only takes the new keys (transformers calls it just before
+    the attention function); the attention function appends them and, once
+    the prompt is cached, decodes with :func:`sparsa.attention.decode`.
+    ``positions`` counts the columns of transformers' attention mask,
+    padding included, which is the cache length transformers asks for.
+    """
+
+    is_croppable = False
+
+    def __init__(self, page_size: int, max_dropped_mass: float, keep_stats: bool) -> None:
+        super().__init__()
+        self.page_size, self.max_dropped_mass, self.keep_stats = page_size, max_dropped_mass, keep_stats
+        self.positions, self.is_initialized = 0, False
+        self.pages: PagedKVCache | None = None
+        self.stats: DecodeStats | None = None
+        self.unread: tuple[Tensor, Tensor] | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor | None = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.unread = key_states, value_states
+        self.positions += key_states.shape[-2]
+        return key_states, value_states
+
+    def attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None,
+        visible: Tensor,
+        alpha: float | Tensor,
+        scale: float | None,
+    ) -> Tensor | None:
+        """Append the chunk; None for the prompt (the caller attends over it), else the decoded output.
+
+        ``visible`` (B,) is the number of keys the mask lets each row's last query see.
+        """
+        self.unread = None
+        if self.pages is None:
+            padding = None if mask is None else KeyPadding.of_causal_mask(mask)
+            if mask is not None and padding is None:
+                raise ValueError(
+                    "a PagedCache needs the prompt's mask to be causal over left- or right-padded rows"
+                )
+            batch, kv_heads, _, dim = key.shape
+            self.pages = PagedKVCache(
+                batch, kv_heads, dim, value_dim=value.shape[-1], page_size=self.page_size, dtype=key.dtype,
+                device=key.device,
+            )  # fmt: skip
+            self.pages.append(key, value, padding)
+            return None
+        self.pages.append(key, value)
+        if not torch.equal(self.pages.lengths, visible.to(self.pages.lengths.device)):
+            raise ValueError(
+                "after the prompt a PagedCache takes real tokens only: the attention mask hides keys "
+                "that are not padding of the prompt"
+            )
+        out = decode(
+            query, self.pages, alpha=alpha, scale=scale, max_dropped_mass=self.max_dropped_mass,
+            return_stats=self.keep_stats,
+        )  # fmt: skip
+        if self.keep_stats:
+            out, self.stats = out
+        return out
+
+    def get_seq_length(self, *args) -> int:
+        return self.positions
+
+    def reset(self) -> None:
+        self.positions, self.pages, self.stats, self.unread = 0, None, None, None
+
+    def _unsupported(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            "a PagedCache supports greedy decoding and sampling; beam search, assisted decoding and "
+            "cropping need the dense cache"
+        )
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
+
+
+class PagedCache(Cache):
+    """A transformers cache for a :func:`sparsify`-converted model that decodes with exact sparsity.
+
+    Pass it as ``past_key_values`` to ``model.generate`` (or a forward): the
+    prompt is attended as usual and cached in pages of ``page_size`` tokens
+    per (row, KV head), without its padding; every later step reads only the
+    pages whose keys can get weight (:func:`sparsa.attention.decode`), so the
+    tokens are those of the dense cache. ``max_dropped_mass`` > 0 allows the
+    certified approximation of ``decode``; ``keep_stats`` keeps each layer's
+    last :class:`sparsa.attention.DecodeStats` in ``stats``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        page_size: int = 16,
+        *,
+        max_dropped_mass: float = 0.0,
+        keep_stats: bool = False,
+    ) -> None:
+        modules = attention_modules(model)
+        if not modules or not all(isinstance(getattr(m, "sparsa", None), SparsaControls) for m in modules):
+            raise ValueError("PagedCache needs a model converted by sparsify()")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+        if isinstance(max_dropped_mass, bool) or not isinstance(max_dropped_mass, Real):
+            raise ValueError(f"max_dropped_mass must be a number in [0, 1), got {max_dropped_mass!r}")
+        if not 0 <= max_dropped_mass < 1:
+            raise ValueError(f"max_dropped_mass must lie in [0, 1), got {max_dropped_mass}")
+        controls = {m.layer_idx: m.sparsa for m in modules}
+        super().__init__(
+            layers=[
+                PagedLayer(page_size, float(max_dropped_mass), bool(keep_stats))
+                for _ in range(max(controls) + 1)
+            ]
+        )
+        self.controls = controls
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if any(other.unread is not None for other in self.layers):
+            raise RuntimeError(
+                "the attention of a PagedCache layer did not read its new keys: the model must run "
+                f"the '{IMPLEMENTATION}' attention (convert it with sparsify)"
+            )
+        layer = self.layers[layer_idx]
+        keys = layer.update(key_states, value_states)
+        self.controls[layer_idx].pages = layer
+        return keys
+
+    @property
+    def stats(self) -> list[DecodeStats | None]:
+        """Each layer's statistics of its last decoding step (with ``keep_stats``)."""
+        return [layer.stats for layer in self.layers]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
