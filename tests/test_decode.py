@@ -66,6 +66,26 @@ def test_short_caches_decode_densely_without_bounds(monkeypatch):
     assert bool(stats.dense.all()) and torch.equal(stats.pages_read, stats.pages_visible)
 
 
+@pytest.mark.parametrize("lengths", [[37, 5, 20, 9], [20, 20, 20, 20]], ids=["ragged", "equal"])
+def test_dense_decoding_of_the_whole_batch_equals_dense_attention(lengths, monkeypatch):
+    """Below dense_below every row is dense; one query per row, or rows of one length, take one call."""
+    monkeypatch.setattr(paged.decode, "__kwdefaults__", {**paged.decode.__kwdefaults__, "dense_below": 10**6})
+    torch.manual_seed(10)
+    heads, kv_heads = 4, 2
+    keys = [torch.randn(kv_heads, n, 8) for n in lengths]
+    values = [torch.randn(kv_heads, n, 8) for n in lengths]
+    cache = _fill(keys, values, page_size=4, chunk=7)
+    for n_q in (1, 3):
+        for alpha, alibi in (
+            (1.5, None),
+            (torch.linspace(1.0, 2.0, heads), torch.linspace(0.5, 0.0, heads)),
+            (2.0, torch.rand(4, heads)),
+        ):
+            q = 3 * torch.randn(4, heads, n_q, 8)
+            stats = _check(q, keys, values, cache, alpha=alpha, alibi_slopes=alibi)
+            assert bool(stats.dense.all())
+
+
 @pytest.fixture(params=["auto", "sparse", "sparse-one-page-first"])
 def path(request, monkeypatch):
     """auto: as shipped; sparse: never the dense path; one page first: the later reads do the work."""

@@ -573,6 +573,22 @@ def _dense_decode(
     batch, heads, n_q, _ = q.shape
     group = heads // cache.kv_heads
     support = torch.zeros(batch, heads, n_q, dtype=torch.long, device=q.device)
+    lengths = cache.lengths
+    if bool(groups.all()) and int(lengths.min()) >= n_q and (n_q == 1 or bool((lengths == lengths[0]).all())):
+        # One call for the whole batch: rows are stored from page 0 on, i.e. right-padded, and
+        # one query per row, or rows of one length, sit at the end of each row's keys.
+        length = int(lengths.max())
+        keys = cache.keys.view(batch, cache.kv_heads, -1, cache.head_dim)[:, :, :length]
+        values = cache.values.view(batch, cache.kv_heads, -1, cache.value_dim)[:, :, :length]
+        result = attention(
+            q, keys, values, alpha=alpha, is_causal=n_q > 1, scale=scale, alibi_slopes=alibi_slopes,
+            attn_mask=None if n_q > 1 else KeyPadding(lengths, "right"), return_stats=counted,
+        )  # fmt: skip
+        if counted:
+            result, stats = result
+            support.copy_(stats.support)
+        out.copy_(result)
+        return support
     for row in groups.any(-1).nonzero()[:, 0].tolist():
         keys, values = cache.dense(row)
         seen = min(n_q, keys.shape[2])
