@@ -189,6 +189,28 @@ def test_exact_match_equals_decoding_every_example(tmp_path):
         assert 0 < result["exact_match"] < 100
 
 
+@pytest.mark.parametrize(
+    ("task", "options"), [("lookup", {"vocab": 8, "queries": 2}), ("copy", {"vocab": 6})]
+)
+def test_scores_from_the_kept_logits_equal_those_of_the_full_forward(task, options, tmp_path):
+    """evaluate() asks the model for the logits of the labelled positions only."""
+    config = _config(task=task, task_options=options, min_length=4, max_length=8, steps=60, lr=3e-3)
+    model = Transformer.from_pretrained(train(config, tmp_path / "run", quiet=True)).eval()
+    examples = [sample(config.make_task(), 0, "test", 12, i) for i in range(30)]
+    correct = labelled = exact = 0
+    with torch.no_grad():
+        for e in examples:
+            predicted = model(torch.from_numpy(e.tokens)[None])[0].argmax(-1).numpy()
+            where = e.labels >= 0
+            correct += int((predicted[where] == e.labels[where]).sum())
+            labelled += int(where.sum())
+            exact += bool((predicted[where] == e.labels[where]).all())
+    result = evaluate(model, config.make_task(), 12, examples=30, seed=0)
+    assert result["token_accuracy"] == pytest.approx(100.0 * correct / labelled)
+    if task == "lookup":
+        assert result["exact_match"] == pytest.approx(100.0 * exact / 30)
+
+
 def test_classification_tasks_train_and_evaluate(tmp_path):
     config = _config(task="nback", task_options={"vocab": 4, "n": 2}, min_length=6, max_length=8)
     model_dir = train(config, tmp_path / "run", quiet=True)

@@ -58,6 +58,24 @@ def test_cached_decoding_equals_the_full_forward(variant, padded):
     assert cache.length == 21
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+@pytest.mark.parametrize("cache", [None, "dense", "paged"])
+def test_logits_of_the_last_positions_equal_those_of_the_full_forward(variant, cache):
+    """The last block attends from the kept positions only; the logits must not change."""
+    model = _model(**variant)
+    ids, mask = _left_padded_batch()
+    full = model(ids, attention_mask=mask)
+    for keep in (1, 4, 21, 30):
+        if cache is None:
+            kept = model(ids, attention_mask=mask, logits_to_keep=keep)
+        else:
+            store = model.new_cache(page_size=None if cache == "dense" else 4)
+            model(ids[:, :9], attention_mask=mask[:, :9], cache=store)
+            kept = model(ids[:, 9:], attention_mask=mask, cache=store, logits_to_keep=keep)
+        rows = min(keep, 21 if cache is None else 12)
+        torch.testing.assert_close(kept, full[:, 21 - rows :], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", VARIANTS[1:4], ids=_ids)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_rows_equal_the_unpadded_sequence(variant, side):
@@ -200,6 +218,7 @@ def test_training_on_a_copy_task_reduces_the_loss(variant):
     [
         (lambda m: m(torch.tensor([[0, 29]])), ValueError, "input_ids must lie in"),
         (lambda m: m(torch.zeros(2, 3)), TypeError, "integer token ids"),
+        (lambda m: m(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=0), ValueError, "logits_to_keep"),
         (
             lambda m: m.generate(
                 torch.zeros(1, 3, dtype=torch.long), 2, attention_mask=torch.tensor([[1, 1, 0]])

@@ -110,6 +110,21 @@ def test_mqmtar_vocabularies_are_shared_across_splits_and_fixed_by_vocab_seed():
     assert not np.array_equal(a.vocabularies[0], c.vocabularies[0])
 
 
+@pytest.mark.parametrize("length", [5, 48, 3000])
+def test_lookup_asks_symbols_seen_once_and_labels_their_successor(length):
+    task = make_task("lookup", vocab=64, queries=4)
+    for i in range(10):
+        e = sample(task, 1, "test", length, i)
+        context, questions = e.tokens[1 : length + 1].tolist(), e.tokens[length + 2 :].tolist()
+        assert e.tokens[length + 1] == SEP and len(questions) == 4 and len(set(questions)) == 4
+        assert (e.labels[: length + 2] == IGNORE).all()
+        for asked, label in zip(questions, e.labels[length + 2 :].tolist(), strict=True):
+            assert context.count(asked) == 1 and context.index(asked) < length - 1
+            assert label == context[context.index(asked) + 1]
+    repeated = sample(task, 1, "test", 3000, 0).tokens[1:3001]
+    assert len(set(repeated.tolist())) <= 64
+
+
 def test_flipflop_answer_is_the_last_written_bit():
     task = make_task("flipflop", p_write=0.3)
     names = task.token_names()
@@ -145,6 +160,8 @@ def test_local_count_and_nback_labels():
         ("flipflop", {"p_write": 2.0}, "p_write"),
         ("mqmtar", {"density": 0.0}, "density"),
         ("mqmtar", {"n_keys": 10**6}, "n_keys"),
+        ("lookup", {"queries": 0}, "queries"),
+        ("lookup", {"vocab": 4}, "vocab must exceed queries"),
         ("nosuchtask", {}, "unknown task"),
         ("copy", {"vocab": "abc"}, "option vocab takes an integer, got 'abc'"),
         ("copy", {"vocab": "1.5"}, "option vocab takes an integer"),
@@ -161,6 +178,11 @@ def test_bad_task_parameters_are_named(name, options, message):
 def test_task_options_given_as_text_are_cast_to_their_types():
     assert make_task("copy", vocab="12", distinct=1.0) == make_task("copy", vocab=12, distinct=1)
     assert make_task("flipflop", p_write="0.25").p_write == 0.25
+
+
+def test_a_lookup_context_too_short_for_its_queries_is_refused():
+    with pytest.raises(ValueError, match="length must exceed queries"):
+        sample(make_task("lookup", queries=4), 0, "test", 4, 0)
 
 
 def test_a_negative_length_is_refused_by_name_before_sampling():

@@ -59,11 +59,14 @@ def evaluate(
     for start in range(0, len(data), rows):
         chunk = data[start : start + rows]
         batch = collate(chunk).to(device)
-        predictions = model(batch.tokens).argmax(-1)
         mask = batch.labels >= 0
-        correct += int(((predictions == batch.labels) & mask).sum())
+        # Logits from the first labelled column on: the last block attends from those positions only.
+        kept = batch.tokens.shape[1] - int(mask.any(0).nonzero()[0]) if bool(mask.any()) else 1
+        predictions = model(batch.tokens, logits_to_keep=kept).argmax(-1)
+        mask, labels = mask[:, -kept:], batch.labels[:, -kept:]
+        correct += int(((predictions == labels) & mask).sum())
         labelled += int(mask.sum())
-        right = ((predictions == batch.labels) | ~mask).all(-1).tolist()
+        right = ((predictions == labels) | ~mask).all(-1).tolist()
         if task.kind == "classify":
             exact += sum(right)
         elif any(right):

@@ -155,26 +155,34 @@ class SparseAttention(nn.Module):
         return scale_heads(self.scaling, x, log_n, self.n_heads, self.scaled_heads)
 
     def forward(
-        self, x: Tensor, layout: TokenLayout | None = None, cache: KeyValueStore | None = None
+        self,
+        x: Tensor,
+        layout: TokenLayout | None = None,
+        cache: KeyValueStore | None = None,
+        last_queries: int | None = None,
     ) -> Tensor:
-        """x (B, N, d_model) -> (B, N, d_model).
+        """x (B, N, d_model) -> (B, N, d_model), or (B, last_queries, d_model).
 
         ``layout`` gives positions and key padding (default: N unpadded tokens
         after the cached ones); ``cache`` holds this layer's keys and values
-        of earlier tokens and receives the new ones.
+        of earlier tokens and receives the new ones. ``last_queries``: attend
+        from the last that many tokens only (every token still gives its key
+        and value), when nothing after this layer needs the others.
         """
         batch, n, _ = x.shape
         if layout is None:
             layout = TokenLayout.build(batch, n, 0 if cache is None else cache.length, None, x.device)
-        q = self.q_proj(x).view(batch, n, self.n_heads, self.head_dim).transpose(1, 2)
+        rows = n if last_queries is None else min(n, last_queries)
+        q = self.q_proj(x[:, n - rows :]).view(batch, rows, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope_theta is not None:
             cos, sin = rope_angles(layout.positions, self.head_dim, self.rope_theta, compute_dtype(q.dtype))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(q, cos[..., n - rows :, :], sin[..., n - rows :, :])
+            k = apply_rope(k, cos, sin)
         scale = self.query_scale(x, layout)
         if scale is not None:
-            q = q * scale[..., None].to(q.dtype)
+            q = q * scale[..., n - rows :, None].to(q.dtype)
         options = {
             "alpha": self.alpha,
             "is_causal": self.is_causal,
@@ -184,13 +192,13 @@ class SparseAttention(nn.Module):
         attend = getattr(cache, "attend", None)
         if attend is not None:
             out = attend(q, k, v, layout, **options)
-            return self.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+            return self.o_proj(out.transpose(1, 2).reshape(batch, rows, -1))
         if cache is not None:
             k, v = cache.update(k, v)
         if self.observer is not None:
             self.observer(q, k, **options)
         out = attention(q, k, v, backend=self.backend, **options)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, rows, -1))
 
 
 def learnable_alpha(alpha: float, n_heads: int) -> nn.Parameter:

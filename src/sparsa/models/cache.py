@@ -67,11 +67,16 @@ class PagedLayerCache:
         real = torch.clamp(layout.key_count - self.pages.lengths, 0, n)
         self.pages.append(k, v, KeyPadding(real, "left"))
         self.length += n
-        seen = min(n, int(self.pages.lengths.max()))
+        # q holds the last n_q of the n new tokens (all of them unless the model asked for fewer).
+        n_q = q.shape[2]
+        seen = min(n_q, int(self.pages.lengths.max()))
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         if seen:
-            out[:, :, n - seen :] = decode(
-                q[:, :, n - seen :], self.pages, alpha=options["alpha"], alibi_slopes=options["alibi_slopes"]
+            out[:, :, n_q - seen :] = decode(
+                q[:, :, n_q - seen :],
+                self.pages,
+                alpha=options["alpha"],
+                alibi_slopes=options["alibi_slopes"],
             )
         return out
 

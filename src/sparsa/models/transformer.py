@@ -44,8 +44,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.d_ff)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, layout: TokenLayout, cache) -> Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), layout, cache))
+    def forward(self, x: Tensor, layout: TokenLayout, cache, last_tokens: int | None = None) -> Tensor:
+        """x (B, N, d_model) -> the same, or only the last ``last_tokens`` positions of it."""
+        attended = self.attention(self.attention_norm(x), layout, cache, last_queries=last_tokens)
+        x = x[:, x.shape[1] - attended.shape[1] :] + self.dropout(attended)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -106,8 +108,9 @@ class Transformer(nn.Module):
 
         ``attention_mask`` (B, cached + N): 1 for real tokens, 0 for padding
         on one side (left for generation). ``cache`` holds earlier tokens and
-        receives these. ``logits_to_keep``: compute logits for the last that
-        many positions only.
+        receives these. ``logits_to_keep``: logits for the last that many
+        positions only; the last block then attends from those positions only
+        (every position still gives the keys and values it needs).
         """
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a tensor of shape (batch, length)")
@@ -119,8 +122,15 @@ class Transformer(nn.Module):
         n_past = 0 if cache is None else cache.length
         layout = TokenLayout.build(batch, n, n_past, attention_mask, input_ids.device)
         x = self.dropout(self.embed(input_ids))
+        if logits_to_keep is not None and (
+            isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 1
+        ):
+            raise ValueError(f"logits_to_keep must be a positive integer or None, got {logits_to_keep!r}")
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, layout, None if cache is None else cache.layers[i])
+            x = block(
+                x, layout, None if cache is None else cache.layers[i], logits_to_keep if i == last else None
+            )
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         return self.head(self.norm(x))

@@ -1,4 +1,4 @@
-"""Multi-query multi-token associative recall (MQMTAR) and flip-flop."""
+"""Retrieval: multi-query multi-token associative recall (MQMTAR), lookup, and flip-flop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .base import Task, register
+from .base import IGNORE, SEP, Task, register
 
 
 @register
@@ -97,6 +97,53 @@ class MQMTAR(Task):
             questions += [query, *keys[key_ids[i]]]
             answers += [query, *values[value_ids[i]]]
         return np.array(context + questions), np.array(answers)
+
+
+@register
+@dataclass(frozen=True)
+class Lookup(Task):
+    """A context of ``length`` symbols, then ``queries`` of them, each labelled with the symbol after it.
+
+    ``[BOS] context [SEP] x_1 .. x_q``: each x_i occurs exactly once in the
+    context, not last, and the label at x_i is the symbol that follows it
+    there, so one lookup answers it at any context length. Other symbols are
+    drawn with repeats from the ``vocab`` symbols, so the vocabulary bounds
+    no length. The answer stays ``queries`` tokens long; a classification
+    task, scored in one forward pass (exact match per query = token accuracy).
+    """
+
+    name = "lookup"
+    kind = "classify"
+    vocab: int = 1024
+    queries: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.queries < 1:
+            raise ValueError(f"lookup: queries must be >= 1, got {self.queries}")
+        if self.vocab <= self.queries:
+            raise ValueError(f"lookup: vocab must exceed queries ({self.queries}), got {self.vocab}")
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        return tuple(f"s{i}" for i in range(self.vocab))
+
+    def check_length(self, length: int) -> None:
+        if length <= self.queries:
+            raise ValueError(f"lookup: length must exceed queries ({self.queries}) to give each a successor")
+
+    def body(self, rng, length):
+        first = self.symbol("s0")
+        asked = rng.choice(self.vocab, size=self.queries, replace=False)
+        others = np.setdiff1d(np.arange(self.vocab), asked)
+        context = others[rng.integers(0, len(others), size=length)]
+        places = rng.choice(length - 1, size=self.queries, replace=False)
+        context[places] = asked
+        order = rng.permutation(self.queries)
+        tokens = np.concatenate((first + context, [SEP], first + asked[order]))
+        labels = np.full(len(tokens), IGNORE)
+        labels[length + 1 :] = first + context[places[order] + 1]
+        return tokens, labels
 
 
 @register
