@@ -314,7 +314,7 @@ def test_the_shipped_demo_model_decodes_the_same_tokens_over_pages(path):
     from sparsa.models import Transformer
     from sparsa.tasks import EOS, make_task, sample
 
-    model = Transformer.from_pretrained(SHIPPED / "asentmax").eval()
+    model = Transformer.from_pretrained(SHIPPED / "copy" / "asentmax").eval()
     task = make_task("copy", vocab=1024, distinct=1)
     prompts = [torch.from_numpy(sample(task, 0, "test", n, 0).tokens[: n + 2]) for n in (96, 64)]
     ids = torch.zeros(2, 98, dtype=torch.long)

@@ -224,6 +224,24 @@ def test_attention_summary_reports_dispersion(tmp_path):
     assert 0 < result["max_weight"] <= 1 and 0 <= result["entropy"] <= 1 and result["support"] >= 1
 
 
+def test_the_attention_summary_of_a_nape_model_is_also_given_per_head_type():
+    """Half the heads are ALiBi, half NoPE: the summary over all heads is the mean of the two."""
+    lookup = {"task": "lookup", "task_options": {"vocab": 8, "queries": 2}}
+    config = _config(model={**_config().model, "positions": "nape"}, **lookup).model_config()
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    result = evaluate(
+        model, make_task("lookup", vocab=8, queries=2), 20, examples=2, seed=0, summary_examples=2
+    )
+    for metric in ("max_weight", "entropy", "support"):
+        halves = (result[f"{metric}_alibi"] + result[f"{metric}_nope"]) / 2
+        assert result[metric] == pytest.approx(halves)
+    assert result["support_alibi"] != pytest.approx(result["support_nope"])
+    rope = Transformer(_config(model={**_config().model, "positions": "rope"}).model_config()).eval()
+    plain = evaluate(rope, make_task("copy", vocab=6), 5, examples=2, seed=0, summary_examples=1)
+    assert "max_weight_alibi" not in plain and "max_weight" in plain
+
+
 def _record():
     record = results.new_record("copy", {}, 16, min_train_length=8)
     for variant, values in (("softmax", (100, 10, 0)), ("asentmax", (100, 90, 40))):
@@ -429,23 +447,27 @@ def test_every_command_has_help(capsys):
 
 def test_the_demo_evaluates_the_shipped_models(tmp_path, monkeypatch):
     demo = importlib.import_module("sparsa.experiments.demo")
-    monkeypatch.setattr(demo, "DEMO_LENGTHS", [16, 32])
+    short = tuple(dataclasses.replace(d, lengths=d.lengths[:2]) for d in demo.DEMO_TASKS)
+    monkeypatch.setattr(demo, "DEMO_TASKS", short)
     monkeypatch.setattr(demo, "SUMMARY_EXAMPLES", 1)
-    record = demo.run_demo(tmp_path, examples=3, device="cpu", quiet=True)
-    assert {r["variant"] for r in record["results"]} == {"softmax", "ssmax", "entmax", "asentmax"}
-    for variant in ("softmax", "asentmax"):
-        shipped = json.loads((demo.SHIPPED / variant / "run.json").read_text())
-        assert RunConfig.from_dict(shipped) == dataclasses.replace(demo.demo_config(), variant=variant)
-    assert (tmp_path / "results.json").exists() and (tmp_path / "exact_match.png").exists()
+    records = demo.run_demo(tmp_path, examples=3, device="cpu", quiet=True)
+    assert set(records) == {"copy", "lookup"}
+    for task in demo.DEMO_TASKS:
+        record = records[task.name]
+        assert {r["variant"] for r in record["results"]} == {"softmax", "ssmax", "entmax", "asentmax"}
+        for variant in ("softmax", "asentmax"):
+            shipped = json.loads((demo.SHIPPED / task.name / variant / "run.json").read_text())
+            assert RunConfig.from_dict(shipped) == dataclasses.replace(task.config(), variant=variant)
+        assert (tmp_path / task.name / "results.json").exists()
+        assert (tmp_path / task.name / "exact_match.png").exists()
 
 
 def test_the_demo_retrains_with_the_sweep(tmp_path, monkeypatch):
     demo = importlib.import_module("sparsa.experiments.demo")
-    tiny = _config(
-        task="copy", task_options={"vocab": 64, "distinct": 1}, min_length=8, max_length=16, steps=3
-    )
-    monkeypatch.setattr(demo, "demo_config", lambda: tiny)
-    monkeypatch.setattr(demo, "DEMO_LENGTHS", [16])
-    record = demo.run_demo(tmp_path, retrain=True, examples=2, device="cpu", quiet=True)
-    assert len(record["results"]) == 4
-    assert (tmp_path / "runs" / "asentmax-seed0" / "model" / "model.safetensors").exists()
+    monkeypatch.setattr(demo, "DEMO_STEPS", 3)
+    short = tuple(dataclasses.replace(d, lengths=(16,)) for d in demo.DEMO_TASKS)
+    monkeypatch.setattr(demo, "DEMO_TASKS", short)
+    records = demo.run_demo(tmp_path, retrain=True, examples=2, device="cpu", quiet=True)
+    assert [len(records[t]["results"]) for t in ("copy", "lookup")] == [4, 4]
+    for task in ("copy", "lookup"):
+        assert (tmp_path / task / "runs" / "asentmax-seed0" / "model" / "model.safetensors").exists()

@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="length generalization of softmax, SSMax, 1.5-entmax and ASEntmax (CPU, minutes)",
-        description="Evaluate softmax, SSMax, 1.5-entmax and ASEntmax (all with NAPE) from 1x to 64x "
-        "their training length; writes results.json, tables and plots to --out.",
+        description="Evaluate softmax, SSMax, 1.5-entmax and ASEntmax (all with NAPE) on copy, from 1x to "
+        "64x their training length, and on lookup, from 1x to 256x; writes results.json, tables and plots "
+        "to --out/copy and --out/lookup.",
     )
     demo.add_argument("--out", default="results/demo", help="output folder; default results/demo")
     demo.add_argument(

@@ -148,7 +148,7 @@ def model_certificates(length: int = 1024, seed: int = 0, every: int = 8) -> lis
     from sparsa.models import Transformer
     from sparsa.tasks import make_task, sample
 
-    model = Transformer.from_pretrained(SHIPPED / "asentmax").eval()
+    model = Transformer.from_pretrained(SHIPPED / "copy" / "asentmax").eval()
     example = sample(make_task("copy", vocab=1024, distinct=1), seed, "test", length, 0)
     captured = []
 

@@ -118,9 +118,18 @@ def observing(model: Transformer, observer):
             layer.observer = None
 
 
+HEAD_TYPES = ("alibi", "nope")
+"""In a NAPE model the attention summary is also given per head type: with ALiBi, and without positions."""
+
+
 def attention_summary(model: Transformer, examples: list[Example], device: torch.device) -> dict:
-    """Mean largest weight, normalised entropy and support over heads and layers, on the answer rows."""
-    totals = torch.zeros(3)
+    """Mean largest weight, normalised entropy and support over heads and layers, on the answer rows.
+
+    For a NAPE model also per head type (``max_weight_alibi``, ``max_weight_nope``, ...).
+    """
+    split = model.config.positions == "nape"
+    groups = ("all", *HEAD_TYPES) if split else ("all",)
+    totals = {group: torch.zeros(3) for group in groups}
     calls = 0
     for e in examples:
         first_row = 0 if len(e.answer) == 0 else e.prompt - 1
@@ -128,10 +137,21 @@ def attention_summary(model: Transformer, examples: list[Example], device: torch
         def observe(q, k, first_row=first_row, **options):
             nonlocal calls
             s = weight_summary(q, k, first_query=first_row, **options)
-            totals.add_(torch.stack((s.max_weight.mean(), s.entropy.mean(), s.support.mean())).cpu())
+            per_head = torch.stack((s.max_weight, s.entropy, s.support)).cpu()
+            totals["all"].add_(per_head.mean(-1))
+            if split:
+                alibi = options["alibi_slopes"].cpu() > 0
+                totals["alibi"].add_(per_head[:, alibi].mean(-1))
+                totals["nope"].add_(per_head[:, ~alibi].mean(-1))
             calls += 1
 
         with observing(model, observe):
             model(torch.from_numpy(e.tokens)[None].to(device))
-    means = (totals / max(1, calls)).tolist()
-    return {"max_weight": means[0], "entropy": means[1], "support": means[2]}
+    summary = {}
+    for group, total in totals.items():
+        suffix = "" if group == "all" else f"_{group}"
+        means = (total / max(1, calls)).tolist()
+        summary.update(
+            {f"max_weight{suffix}": means[0], f"entropy{suffix}": means[1], f"support{suffix}": means[2]}
+        )
+    return summary

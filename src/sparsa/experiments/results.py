@@ -6,12 +6,22 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-METRICS = {
-    "exact_match": "exact match (%)",
-    "token_accuracy": "per-token accuracy (%)",
+ATTENTION_NAMES = {
     "max_weight": "largest attention weight",
     "entropy": "normalised attention entropy",
     "support": "attention support size (keys)",
+}
+HEAD_TYPE_NAMES = {"alibi": "ALiBi heads", "nope": "NoPE heads"}
+
+METRICS = {
+    "exact_match": "exact match (%)",
+    "token_accuracy": "per-token accuracy (%)",
+    **ATTENTION_NAMES,
+    **{
+        f"{metric}_{heads}": f"{name}, {heads_name}"
+        for heads, heads_name in HEAD_TYPE_NAMES.items()
+        for metric, name in ATTENTION_NAMES.items()
+    },
 }
 
 
@@ -76,17 +86,17 @@ def table(record: dict, metric: str = "exact_match") -> str:
     train = record["train_length"]
     header = "| variant | " + " | ".join(f"{n} ({n / train:g}x)" for n in lengths) + " |"
     lines = [header, "|---" * (len(lengths) + 1) + "|"]
-    digits = 1 if metric in ("exact_match", "token_accuracy", "support") else 3
+    digits = 1 if metric in ("exact_match", "token_accuracy") or metric in LOG_SCALE_METRICS else 3
     for variant in variants:
         cells = [f"{means[variant, n]:.{digits}f}" if (variant, n) in means else "" for n in lengths]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{METRICS[metric]}: {sample_note(record, metric)}.\n"
 
 
-LOG_SCALE_METRICS = ("support",)
+LOG_SCALE_METRICS = tuple(m for m in METRICS if m.startswith("support"))
 """Metrics that span orders of magnitude over the lengths; a linear axis would hide the small values."""
 
-ATTENTION_METRICS = ("max_weight", "entropy", "support")
+ATTENTION_METRICS = tuple(m for m in METRICS if m not in ("exact_match", "token_accuracy"))
 """Measured on the answer rows of ``summary_examples`` examples per length, not on every test example."""
 
 
