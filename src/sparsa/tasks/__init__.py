@@ -1,6 +1,6 @@
 """Synthetic tasks for length generalization: one registry, generated on the fly from a seed."""
 
-from . import recall, sequences, tagging
+from . import recall, sequences, tagging, text
 from .base import BOS, EOS, IGNORE, PAD, SEP, TASKS, Example, Task, make_task, sample
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "sample",
     "sequences",
     "tagging",
+    "text",
 ]

@@ -50,7 +50,10 @@ class Task:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(f.default, str):
+                if not isinstance(value, str):
+                    raise TypeError(f"{self.name}.{f.name} must be text, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{self.name}.{f.name} must be a number, got {value!r}")
 
     @property
@@ -71,7 +74,8 @@ class Task:
         if length < 1:
             raise ValueError(f"{self.name}: length must be >= 1, got {length}")
 
-    def example(self, rng: np.random.Generator, length: int) -> Example:
+    def example(self, rng: np.random.Generator, length: int, split: str = "train") -> Example:
+        """An example of ``length`` drawn with ``rng``; tasks over a corpus draw it from ``split``."""
         self.check_length(length)
         first, second = self.body(rng, length)
         if self.kind == "classify":
@@ -95,7 +99,7 @@ def example_rng(seed: int, split: str, length: int, index: int) -> np.random.Gen
 def sample(task: Task, seed: int, split: str, length: int, index: int) -> Example:
     """Example ``index`` of ``split`` at ``length``: the same on every machine for the same arguments."""
     task.check_length(length)
-    return task.example(example_rng(seed, split, length, index), length)
+    return task.example(example_rng(seed, split, length, index), length, split)
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -118,7 +122,8 @@ def task_parameters(name: str, parameters: dict) -> dict:
     """``parameters`` of task ``name`` cast to their fields' types; text such as "8" or "0.5" is parsed.
 
     An integer field takes an integer, a whole float or its text and nothing
-    else, so that ``vocab=1.5`` is refused rather than truncated.
+    else, so that ``vocab=1.5`` is refused rather than truncated; a text field
+    takes text.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
@@ -129,15 +134,15 @@ def task_parameters(name: str, parameters: dict) -> dict:
     typed = {}
     for key, value in parameters.items():
         kind = type(fields[key].default)
-        typed[key] = _cast(value, kind)
+        typed[key] = value if kind is str and isinstance(value, str) else _cast(value, kind)
         if typed[key] is None:
-            expected = "an integer" if kind is int else "a number"
+            expected = {int: "an integer", float: "a number", str: "text"}[kind]
             raise ValueError(f"task {name!r}: option {key} takes {expected}, got {value!r}")
     return typed
 
 
 def _cast(value, kind: type) -> int | float | None:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or kind is str:
         return None
     try:
         number = float(value) if kind is float else (int(value) if isinstance(value, str) else value)
