@@ -1,10 +1,13 @@
-"""Byte-level text: corpus splits and fingerprints, windows inside documents, passkey documents."""
+"""Byte-level text: corpus splits, fingerprints, windows, passkey documents, bits per byte, passkey scores."""
 
 import re
 
 import numpy as np
 import pytest
+import torch
 
+from sparsa.experiments.language import bits_per_byte, passkey_accuracy
+from sparsa.models import Transformer, TransformerConfig
 from sparsa.tasks import BOS, IGNORE, make_task, sample
 from sparsa.tasks.text import FIRST_BYTE, Corpus, passkey_document, passkey_room, split_of
 
@@ -127,3 +130,67 @@ def test_bad_corpora_and_lengths_are_named(tmp_path):
         make_task("text", passkey_share=2)
     with pytest.raises(ValueError, match="at least"):
         passkey_document(np.random.default_rng(0), 40, 0.5, np.zeros(0, np.uint8))
+
+
+def _tiny_model(task, seed=0):
+    torch.manual_seed(seed)
+    config = TransformerConfig(
+        vocab_size=task.vocab_size, d_model=32, n_layers=2, n_heads=4, positions="nape"
+    )
+    return Transformer(config).eval()
+
+
+def test_bits_per_byte_equal_the_cross_entropy_by_hand(tmp_path):
+    corpus = _corpus(
+        tmp_path, {"book.txt": bytes(np.random.default_rng(0).integers(32, 127, 4000).astype(np.uint8))}
+    )
+    task = make_task("text", corpus=str(tmp_path / "book.txt"))
+    model = _tiny_model(task)
+    result = bits_per_byte(model, task, 48, max_windows=3, batch_size=2)
+    windows = list(corpus.windows("test", 48))[:3]
+    by_hand = []
+    with torch.no_grad():
+        for window in windows:
+            target = torch.from_numpy(window.astype(np.int64) + FIRST_BYTE)
+            tokens = torch.cat([torch.tensor([BOS]), target[:-1]])[None]
+            logits = model(tokens)[0].double()
+            by_hand.append(-logits.log_softmax(-1)[torch.arange(48), target] / np.log(2))
+    by_hand = torch.stack(by_hand)
+    assert result["windows"] == 3
+    assert result["bits_per_byte"] == pytest.approx(float(by_hand.mean()), rel=1e-5)
+    np.testing.assert_allclose(result["bits_by_position"], by_hand.mean(0).numpy(), rtol=1e-5)
+
+
+class _Retriever(torch.nn.Module):
+    """Reads the stated key from the prompt and predicts it; blind to keys stated before ``blind_before``."""
+
+    def __init__(self, vocab, blind_before=0):
+        super().__init__()
+        self.vocab, self.blind_before = vocab, blind_before
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, logits_to_keep=None):
+        logits = torch.zeros(*tokens.shape, self.vocab)
+        for row, ids in enumerate(tokens):
+            text = bytes((ids[1:] - FIRST_BYTE).clamp(0, 255).to(torch.uint8).tolist())
+            found = re.search(rb"The pass key is (\d{5})\. Remember", text)
+            if found.start() < self.blind_before:
+                continue
+            for i, digit in enumerate(found.group(1)):
+                logits[row, len(ids) - 6 + i, FIRST_BYTE + digit] = 1.0
+        return logits if logits_to_keep is None else logits[:, -logits_to_keep:]
+
+
+def test_passkey_accuracy_is_exact_match_of_the_key_per_depth():
+    task = make_task("text", filler="classic")
+    perfect = passkey_accuracy(_Retriever(task.vocab_size), task, 400, trials=6)
+    assert perfect["passkey_exact_match"] == {
+        "0": 100.0,
+        "0.25": 100.0,
+        "0.5": 100.0,
+        "0.75": 100.0,
+        "1": 100.0,
+    }
+    half = passkey_accuracy(_Retriever(task.vocab_size, blind_before=120), task, 400, trials=6)
+    assert half["passkey_exact_match"] == {"0": 0.0, "0.25": 0.0, "0.5": 100.0, "0.75": 100.0, "1": 100.0}
+    assert passkey_accuracy(_tiny_model(task), task, 300, trials=4)["passkey_exact_match"]["0.5"] == 0.0
