@@ -1,11 +1,13 @@
 """Byte-level text: corpus splits, fingerprints, windows, passkey documents, bits per byte, passkey scores."""
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
 
+from sparsa.cli import main
 from sparsa.experiments.language import bits_per_byte, passkey_accuracy
 from sparsa.models import Transformer, TransformerConfig
 from sparsa.tasks import BOS, IGNORE, make_task, sample
@@ -194,3 +196,40 @@ def test_passkey_accuracy_is_exact_match_of_the_key_per_depth():
     half = passkey_accuracy(_Retriever(task.vocab_size, blind_before=120), task, 400, trials=6)
     assert half["passkey_exact_match"] == {"0": 0.0, "0.25": 0.0, "0.5": 100.0, "0.75": 100.0, "1": 100.0}
     assert passkey_accuracy(_tiny_model(task), task, 300, trials=4)["passkey_exact_match"]["0.5"] == 0.0
+
+
+def test_train_and_eval_on_a_corpus_folder_end_to_end(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        (tmp_path / "corpus" / f"f{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"f{i}.txt").write_bytes(bytes(rng.integers(97, 123, 600).astype(np.uint8)))
+    corpus = ["--task-option", f"corpus={tmp_path / 'corpus'}", "--task-option", "filler=classic"]
+    run = tmp_path / "run"
+    options = ["--min-length", "128", "--max-length", "128", "--val-length", "128", "--steps", "4"]
+    options += [
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--d-model",
+        "32",
+        "--n-layers",
+        "1",
+        "--n-heads",
+        "2",
+    ]
+    assert main(["train", "--task", "text", *corpus, *options, "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(["eval", str(run), "--lengths", "128", "256", "--examples", "3", "--out", str(tmp_path / "ev")])
+        == 0
+    )
+    record = json.loads((tmp_path / "ev" / "results.json").read_text())
+    rows = {row["length"]: row for row in record["results"]}
+    assert set(rows) == {128, 256}
+    assert all(
+        0 < row["bits_per_byte"] < 10 and len(row["bits_by_position"]) == row["length"]
+        for row in rows.values()
+    )
+    assert set(rows[256]["passkey_by_depth"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert "bits per byte" in (tmp_path / "ev" / "table.md").read_text()
+    assert "bits per byte" in capsys.readouterr().out

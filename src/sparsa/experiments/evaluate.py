@@ -10,7 +10,9 @@ from torch import Tensor
 from ..attention import weight_summary
 from ..models import Transformer
 from ..tasks import EOS, PAD, Example, Task
+from ..tasks.text import Text
 from .data import collate, evaluation_examples
+from .language import language_scores
 
 TOKENS_PER_EVAL_BATCH = 1 << 15
 
@@ -34,6 +36,9 @@ def evaluate(
 ) -> dict:
     """Exact match (%) and per-token accuracy (%) of ``examples`` examples at ``length``.
 
+    The text task is scored by :func:`sparsa.experiments.language.language_scores`
+    instead (bits per byte and passkey retrieval, on ``split``; no attention summary).
+
     Generative tasks: greedy decoding with the KV cache after the prompt,
     exact when the decoded tokens equal target and EOS; token accuracy is
     teacher-forced. Greedy decoding follows the target until the first
@@ -50,6 +55,8 @@ def evaluate(
         raise ValueError(f"examples must be >= 1, got {examples}")
     if summary_examples < 0:
         raise ValueError(f"summary_examples must be >= 0, got {summary_examples}")
+    if isinstance(task, Text):
+        return language_scores(model, task, length, examples=examples, seed=seed, split=split)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

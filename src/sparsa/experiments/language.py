@@ -34,31 +34,41 @@ def _rows(length: int, batch_size: int) -> int:
 
 @torch.no_grad()
 def bits_per_byte(
-    model: Transformer, task: Text, context: int, *, max_windows: int, batch_size: int = 64
+    model: Transformer,
+    task: Text,
+    context: int,
+    *,
+    max_windows: int,
+    batch_size: int = 64,
+    split: str = "test",
 ) -> dict:
-    """Mean bits per byte over up to ``max_windows`` test windows of ``context`` bytes, and per position."""
+    """Bits per byte over up to ``max_windows`` windows of ``context`` bytes of ``split``, and by position."""
     if max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-    windows = list(islice(load_corpus(task.corpus).windows("test", context), max_windows))
+    windows = list(islice(load_corpus(task.corpus).windows(split, context), max_windows))
     if not windows:
-        raise ValueError(f"no document of the test split of corpus {task.corpus!r} holds {context} bytes")
+        raise ValueError(f"no document of the {split} split of corpus {task.corpus!r} holds {context} bytes")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     by_position = torch.zeros(context, dtype=torch.float64)
+    correct = 0
     rows = _rows(context + 1, batch_size)
     for start in range(0, len(windows), rows):
-        chunk = np.stack(windows[start : start + rows]).astype(np.int64) + FIRST_BYTE
-        tokens = torch.from_numpy(np.concatenate((np.full((len(chunk), 1), BOS), chunk[:, :-1]), axis=1))
-        logits = model(tokens.to(device)).float()
-        losses = F.cross_entropy(logits.transpose(1, 2), torch.from_numpy(chunk).to(device), reduction="none")
+        chunk = torch.from_numpy(np.stack(windows[start : start + rows]).astype(np.int64) + FIRST_BYTE)
+        tokens = torch.cat((torch.full((len(chunk), 1), BOS), chunk[:, :-1]), dim=1).to(device)
+        logits = model(tokens).float()
+        targets = chunk.to(device)
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         by_position += losses.sum(0).double().cpu()
+        correct += int((logits.argmax(-1) == targets).sum())
     model.train(was_training)
     per_position = (by_position / len(windows) / math.log(2)).tolist()
     return {
         "length": context,
         "windows": len(windows),
         "bits_per_byte": sum(per_position) / context,
+        "byte_accuracy": 100.0 * correct / (len(windows) * context),
         "bits_by_position": per_position,
     }
 
@@ -98,3 +108,28 @@ def passkey_accuracy(
         accuracy[f"{depth:g}"] = 100.0 * right / trials
     model.train(was_training)
     return {"length": length, "trials": trials, "passkey_exact_match": accuracy}
+
+
+def language_scores(
+    model: Transformer, task: Text, length: int, *, examples: int, seed: int, split: str = "test"
+) -> dict:
+    """One results row at ``length`` bytes: bits per byte over up to ``examples`` windows, and passkey.
+
+    ``exact_match`` is the passkey exact match (mean over the depths, ``examples``
+    documents per depth; per depth in ``passkey_by_depth``), ``token_accuracy``
+    the next-byte accuracy of the windows, so the tables and selection of the
+    synthetic tasks apply.
+    """
+    text = bits_per_byte(model, task, length, max_windows=examples, split=split)
+    passkey = passkey_accuracy(model, task, length, trials=examples, seed=seed, split=split)
+    by_depth = passkey["passkey_exact_match"]
+    return {
+        "length": length,
+        "examples": text["windows"],
+        "exact_match": sum(by_depth.values()) / len(by_depth),
+        "token_accuracy": text["byte_accuracy"],
+        "bits_per_byte": text["bits_per_byte"],
+        "bits_by_position": text["bits_by_position"],
+        "passkey_trials": passkey["trials"],
+        "passkey_by_depth": by_depth,
+    }

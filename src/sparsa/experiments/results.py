@@ -16,6 +16,7 @@ HEAD_TYPE_NAMES = {"alibi": "ALiBi heads", "nope": "NoPE heads"}
 METRICS = {
     "exact_match": "exact match (%)",
     "token_accuracy": "per-token accuracy (%)",
+    "bits_per_byte": "bits per byte (text)",
     **ATTENTION_NAMES,
     **{
         f"{metric}_{heads}": f"{name}, {heads_name}"
@@ -96,7 +97,7 @@ def table(record: dict, metric: str = "exact_match") -> str:
 LOG_SCALE_METRICS = tuple(m for m in METRICS if m.startswith("support"))
 """Metrics that span orders of magnitude over the lengths; a linear axis would hide the small values."""
 
-ATTENTION_METRICS = tuple(m for m in METRICS if m not in ("exact_match", "token_accuracy"))
+ATTENTION_METRICS = tuple(m for m in METRICS if m not in ("exact_match", "token_accuracy", "bits_per_byte"))
 """Measured on the answer rows of ``summary_examples`` examples per length, not on every test example."""
 
 

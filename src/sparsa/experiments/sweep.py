@@ -146,6 +146,8 @@ def eval_device(device: str) -> str:
 def result_line(variant: str, seed: int, row: dict) -> str:
     text = f"{variant:>10} seed {seed} length {row['length']:>6}: exact {row['exact_match']:5.1f}%"
     text += f"  per-token {row['token_accuracy']:5.1f}%"
+    if "bits_per_byte" in row:
+        text += f"  bits per byte {row['bits_per_byte']:.3f}"
     if "max_weight" in row:
         text += f"  max weight {row['max_weight']:.3f}  entropy {row['entropy']:.3f}"
         text += f"  support {row['support']:.1f}"
