@@ -232,4 +232,5 @@ def test_train_and_eval_on_a_corpus_folder_end_to_end(tmp_path, capsys):
     )
     assert set(rows[256]["passkey_by_depth"]) == {"0", "0.25", "0.5", "0.75", "1"}
     assert "bits per byte" in (tmp_path / "ev" / "table.md").read_text()
+    assert (tmp_path / "ev" / "passkey.png").exists() and (tmp_path / "ev" / "bits_by_position.png").exists()
     assert "bits per byte" in capsys.readouterr().out

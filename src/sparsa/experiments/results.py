@@ -187,8 +187,87 @@ def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
     return path
 
 
+def passkey_heatmap(record: dict, path: str | Path) -> Path:
+    """Passkey exact match by length (columns) and depth (rows), one panel per variant, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in record["results"] if "passkey_by_depth" in row]
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    lengths = sorted({row["length"] for row in rows})
+    depths = sorted({depth for row in rows for depth in row["passkey_by_depth"]}, key=float)
+    figure, panels = plt.subplots(1, len(variants), figsize=(2.2 + 1.1 * len(lengths) * len(variants), 3.6))
+    panels = [panels] if len(variants) == 1 else list(panels)
+    for axes, variant in zip(panels, variants, strict=True):
+        grid = [[_mean_at(rows, variant, n, depth) for n in lengths] for depth in depths]
+        image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                axes.text(
+                    j, i, "" if value is None else f"{value:.0f}", ha="center", va="center", color="white"
+                )
+        axes.set_xticks(range(len(lengths)), [f"{n}\n({n / record['train_length']:g}x)" for n in lengths])
+        axes.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
+        axes.set_xlabel("document length (bytes)")
+        axes.set_title(variant, fontsize=10)
+    panels[0].set_ylabel("depth of the key")
+    figure.colorbar(image, ax=panels, label="passkey exact match (%)")
+    trials = sorted({row["passkey_trials"] for row in rows})
+    seeds = sorted({row["seed"] for row in rows})
+    figure.suptitle(
+        f"passkey retrieval: {'/'.join(map(str, trials))} documents per cell and seed, "
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})",
+        fontsize=10,
+    )
+    path = Path(path)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _mean_at(rows: list[dict], variant: str, length: int, depth: str) -> float | None:
+    values = [r["passkey_by_depth"][depth] for r in rows if r["variant"] == variant and r["length"] == length]
+    return sum(values) / len(values) if values else None
+
+
+def bits_by_position_plot(record: dict, path: str | Path) -> Path:
+    """Bits per byte against the position in the window, at the longest length, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in record["results"] if "bits_by_position" in row]
+    longest = max(row["length"] for row in rows)
+    figure, axes = plt.subplots(figsize=(8.0, 4.4))
+    for index, variant in enumerate(dict.fromkeys(row["variant"] for row in rows)):
+        curves = [
+            row["bits_by_position"] for row in rows if row["variant"] == variant and row["length"] == longest
+        ]
+        mean = [sum(values) / len(values) for values in zip(*curves, strict=True)]
+        bucket = max(1, longest // 64)
+        xs = list(range(bucket, longest + 1, bucket))
+        ys = [sum(mean[x - bucket : x]) / bucket for x in xs]
+        axes.plot(xs, ys, linestyle=LINE_STYLES[index % len(LINE_STYLES)], label=variant)
+    axes.axvline(record["train_length"], color="grey", linestyle=":", label=f"training {trained_on(record)}")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel(f"position in a window of {longest} bytes (mean over buckets of {max(1, longest // 64)})")
+    axes.set_ylabel("bits per byte")
+    figure.suptitle(f"{record['task']}: loss by position", fontsize=11)
+    axes.set_title(sample_note(record, "bits_per_byte"), fontsize=8.5, color="dimgrey")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def report(record: dict, out: str | Path) -> list[Path]:
-    """table.md (every metric present) and one PNG per metric in ``out``."""
+    """table.md (every metric present), a PNG per metric in ``out``; text adds passkey and position plots."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     present = [m for m in METRICS if any(m in row for row in record["results"])]
@@ -197,4 +276,8 @@ def report(record: dict, out: str | Path) -> list[Path]:
     written = [out / "table.md"]
     written[0].write_text("\n".join(sections))
     written += [plot(record, out / f"{m}.png", m) for m in present]
+    if any("passkey_by_depth" in row for row in record["results"]):
+        written.append(passkey_heatmap(record, out / "passkey.png"))
+    if any("bits_by_position" in row for row in record["results"]):
+        written.append(bits_by_position_plot(record, out / "bits_by_position.png"))
     return written
