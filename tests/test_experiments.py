@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsa.attention import weight_summary
 from sparsa.cli import main
 from sparsa.experiments import results
 from sparsa.experiments.data import training_batch
-from sparsa.experiments.evaluate import decoded_correctly, evaluate
+from sparsa.experiments.evaluate import decoded_correctly, evaluate, observing
 from sparsa.experiments.train import CHECKPOINT, RunConfig, TrainingInterrupted, learning_rate, train
 from sparsa.models import Transformer
 from sparsa.tasks import IGNORE, make_task
@@ -237,6 +238,16 @@ def test_the_attention_summary_of_a_nape_model_is_also_given_per_head_type():
         halves = (result[f"{metric}_alibi"] + result[f"{metric}_nope"]) / 2
         assert result[metric] == pytest.approx(halves)
     assert result["support_alibi"] != pytest.approx(result["support_nope"])
+    # The rows summarised are those that predict an answer: for lookup, the queries after <sep>.
+    example = sample(make_task("lookup", vocab=8, queries=2), 0, "test", 20, 0)
+    seen = []
+    with observing(
+        model, lambda q, k, **options: seen.append(weight_summary(q, k, first_query=22, **options))
+    ):
+        model(torch.from_numpy(example.tokens)[None])
+    by_hand = sum(float(s.support.mean()) for s in seen) / len(seen)
+    one = evaluate(model, make_task("lookup", vocab=8, queries=2), 20, examples=1, seed=0, summary_examples=1)
+    assert one["support"] == pytest.approx(by_hand)
     rope = Transformer(_config(model={**_config().model, "positions": "rope"}).model_config()).eval()
     plain = evaluate(rope, make_task("copy", vocab=6), 5, examples=2, seed=0, summary_examples=1)
     assert "max_weight_alibi" not in plain and "max_weight" in plain

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -139,7 +140,8 @@ def attention_summary(model: Transformer, examples: list[Example], device: torch
     totals = {group: torch.zeros(3) for group in groups}
     calls = 0
     for e in examples:
-        first_row = 0 if len(e.answer) == 0 else e.prompt - 1
+        # The rows that predict an answer: from the first labelled position on (for lookup, the queries).
+        first_row = int(np.flatnonzero(e.labels >= 0)[0])
 
         def observe(q, k, first_row=first_row, **options):
             nonlocal calls
