@@ -11,6 +11,13 @@ from torch import Tensor
 from ..tasks import IGNORE, PAD, Example, Task
 from ..tasks.base import example_rng, sample
 
+TOKENS_PER_EVAL_BATCH = 1 << 15
+
+
+def eval_batch_size(length_tokens: int, requested: int) -> int:
+    """At most ``requested`` rows, and few enough that a batch holds about 32k tokens."""
+    return max(1, min(requested, TOKENS_PER_EVAL_BATCH // max(1, length_tokens)))
+
 
 @dataclass
 class Batch:

@@ -12,15 +12,8 @@ from ..attention import weight_summary
 from ..models import Transformer
 from ..tasks import EOS, PAD, Example, Task
 from ..tasks.text import Text
-from .data import collate, evaluation_examples
+from .data import collate, eval_batch_size, evaluation_examples
 from .language import language_scores
-
-TOKENS_PER_EVAL_BATCH = 1 << 15
-
-
-def eval_batch_size(length_tokens: int, requested: int) -> int:
-    """At most ``requested`` rows, and few enough that a batch holds about 32k tokens."""
-    return max(1, min(requested, TOKENS_PER_EVAL_BATCH // max(1, length_tokens)))
 
 
 @torch.no_grad()

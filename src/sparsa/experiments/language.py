@@ -22,14 +22,9 @@ from ..models import Transformer
 from ..tasks import BOS
 from ..tasks.base import SPLITS, example_rng
 from ..tasks.text import FIRST_BYTE, KEY_DIGITS, Text, load_corpus
-from .data import collate
+from .data import collate, eval_batch_size
 
-TOKENS_PER_BATCH = 1 << 15
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def _rows(length: int, batch_size: int) -> int:
-    return max(1, min(batch_size, TOKENS_PER_BATCH // max(1, length)))
 
 
 @torch.no_grad()
@@ -53,7 +48,7 @@ def bits_per_byte(
     model.eval()
     by_position = torch.zeros(context, dtype=torch.float64)
     correct = 0
-    rows = _rows(context + 1, batch_size)
+    rows = eval_batch_size(context + 1, batch_size)
     for start in range(0, len(windows), rows):
         chunk = torch.from_numpy(np.stack(windows[start : start + rows]).astype(np.int64) + FIRST_BYTE)
         tokens = torch.cat((torch.full((len(chunk), 1), BOS), chunk[:, :-1]), dim=1).to(device)
@@ -93,7 +88,7 @@ def passkey_accuracy(
     was_training = model.training
     model.eval()
     accuracy = {}
-    rows = _rows(length + 1, trials)
+    rows = eval_batch_size(length + 1, trials)
     for index, depth in enumerate(depths):
         examples = [
             task.passkey(example_rng(seed, split, length, index * trials + trial), length, split, depth)[0]
