@@ -102,6 +102,14 @@ class PagedKVCache:
         """The int8 sketch: k = key_scale * key_codes + e with |e_d| <= key_scale / 2, one scale per
         page; key_code_norm is sum_d |key_codes_d| of each key (it bounds the error of an int8 query)."""
 
+    @classmethod
+    def like(cls, k: Tensor, v: Tensor, page_size: int = 16) -> PagedKVCache:
+        """An empty cache for chunks shaped, typed and placed like k (B, Hkv, T, D) and v (B, Hkv, T, Dv)."""
+        batch, kv_heads, _, dim = k.shape
+        return cls(
+            batch, kv_heads, dim, value_dim=v.shape[-1], page_size=page_size, dtype=k.dtype, device=k.device
+        )
+
     @property
     def batch(self) -> int:
         return self.keys.shape[0]

@@ -14,6 +14,7 @@ from ..tasks import EOS, PAD, Example, Task
 from ..tasks.text import Text
 from .data import collate, eval_batch_size, evaluation_examples
 from .language import language_scores
+from .results import ATTENTION_NAMES, HEAD_TYPE_NAMES
 
 
 @torch.no_grad()
@@ -119,17 +120,13 @@ def observing(model: Transformer, observer):
             layer.observer = None
 
 
-HEAD_TYPES = ("alibi", "nope")
-"""In a NAPE model the attention summary is also given per head type: with ALiBi, and without positions."""
-
-
 def attention_summary(model: Transformer, examples: list[Example], device: torch.device) -> dict:
     """Mean largest weight, normalised entropy and support over heads and layers, on the answer rows.
 
     For a NAPE model also per head type (``max_weight_alibi``, ``max_weight_nope``, ...).
     """
     split = model.config.positions == "nape"
-    groups = ("all", *HEAD_TYPES) if split else ("all",)
+    groups = ("all", *HEAD_TYPE_NAMES) if split else ("all",)
     totals = {group: torch.zeros(3) for group in groups}
     calls = 0
     for e in examples:
@@ -139,7 +136,7 @@ def attention_summary(model: Transformer, examples: list[Example], device: torch
         def observe(q, k, first_row=first_row, **options):
             nonlocal calls
             s = weight_summary(q, k, first_query=first_row, **options)
-            per_head = torch.stack((s.max_weight, s.entropy, s.support)).cpu()
+            per_head = torch.stack([getattr(s, metric) for metric in ATTENTION_NAMES]).cpu()
             totals["all"].add_(per_head.mean(-1))
             if split:
                 alibi = options["alibi_slopes"].cpu() > 0
@@ -154,6 +151,6 @@ def attention_summary(model: Transformer, examples: list[Example], device: torch
         suffix = "" if group == "all" else f"_{group}"
         means = (total / max(1, calls)).tolist()
         summary.update(
-            {f"max_weight{suffix}": means[0], f"entropy{suffix}": means[1], f"support{suffix}": means[2]}
+            {f"{metric}{suffix}": mean for metric, mean in zip(ATTENTION_NAMES, means, strict=True)}
         )
     return summary

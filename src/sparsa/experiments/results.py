@@ -11,7 +11,9 @@ ATTENTION_NAMES = {
     "entropy": "normalised attention entropy",
     "support": "attention support size (keys)",
 }
+"""The attention statistics (fields of WeightSummary), in the order evaluate() computes them."""
 HEAD_TYPE_NAMES = {"alibi": "ALiBi heads", "nope": "NoPE heads"}
+"""The head types of a NAPE model, summarised apart (metric names get the key as suffix)."""
 
 METRICS = {
     "exact_match": "exact match (%)",

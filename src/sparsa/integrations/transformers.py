@@ -234,7 +234,6 @@ class PagedLayer(DynamicLayer):
         self.positions, self.is_initialized = 0, False
         self.pages: PagedKVCache | None = None
         self.stats: DecodeStats | None = None
-        self.unread: tuple[Tensor, Tensor] | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor | None = None) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -243,7 +242,6 @@ class PagedLayer(DynamicLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.unread = key_states, value_states
         self.positions += key_states.shape[-2]
         return key_states, value_states
 
@@ -261,18 +259,13 @@ class PagedLayer(DynamicLayer):
 
         ``visible`` (B,) is the number of keys the mask lets each row's last query see.
         """
-        self.unread = None
         if self.pages is None:
             padding = None if mask is None else KeyPadding.of_causal_mask(mask)
             if mask is not None and padding is None:
                 raise ValueError(
                     "a PagedCache needs the prompt's mask to be causal over left- or right-padded rows"
                 )
-            batch, kv_heads, _, dim = key.shape
-            self.pages = PagedKVCache(
-                batch, kv_heads, dim, value_dim=value.shape[-1], page_size=self.page_size, dtype=key.dtype,
-                device=key.device,
-            )  # fmt: skip
+            self.pages = PagedKVCache.like(key, value, self.page_size)
             self.pages.append(key, value, padding)
             return None
         self.pages.append(key, value)
@@ -293,7 +286,7 @@ class PagedLayer(DynamicLayer):
         return self.positions
 
     def reset(self) -> None:
-        self.positions, self.pages, self.stats, self.unread = 0, None, None, None
+        self.positions, self.pages, self.stats = 0, None, None
 
     def _unsupported(self, *args, **kwargs) -> None:
         raise NotImplementedError(
@@ -343,7 +336,8 @@ class PagedCache(Cache):
         self.controls = controls
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        if any(other.unread is not None for other in self.layers):
+        # A layer handed to its module and not taken back: that module's attention is not sparsa's.
+        if any(controls.pages is not None for controls in self.controls.values()):
             raise RuntimeError(
                 "the attention of a PagedCache layer did not read its new keys: the model must run "
                 f"the '{IMPLEMENTATION}' attention (convert it with sparsify)"

@@ -58,12 +58,9 @@ class PagedLayerCache:
         padding = layout.key_padding
         if padding is not None and padding.side != "left":
             raise ValueError("a paged cache needs left padding (as generation uses), got right padding")
-        batch, kv_heads, n, dim = k.shape
+        n = k.shape[2]
         if self.pages is None:
-            self.pages = PagedKVCache(
-                batch, kv_heads, dim, value_dim=v.shape[-1], page_size=self.page_size, dtype=k.dtype,
-                device=k.device,
-            )  # fmt: skip
+            self.pages = PagedKVCache.like(k, v, self.page_size)
         real = torch.clamp(layout.key_count - self.pages.lengths, 0, n)
         self.pages.append(k, v, KeyPadding(real, "left"))
         self.length += n

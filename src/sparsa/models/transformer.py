@@ -131,8 +131,6 @@ class Transformer(nn.Module):
             x = block(
                 x, layout, None if cache is None else cache.layers[i], logits_to_keep if i == last else None
             )
-        if logits_to_keep is not None:
-            x = x[:, -logits_to_keep:]
         return self.head(self.norm(x))
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **options) -> Tensor:

@@ -140,9 +140,9 @@ def passkey_document(
     key = str(int(rng.integers(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))).encode()
     needle = np.frombuffer(NEEDLE % (key, key), dtype=np.uint8)
     tail = np.frombuffer(QUESTION + key, dtype=np.uint8)
-    room = length - len(needle) - len(tail)
+    room = passkey_room(length)
     if room < 0:
-        raise ValueError(f"a passkey document needs at least {len(needle) + len(tail)} bytes, got {length}")
+        raise ValueError(f"a passkey document needs at least {length - room} bytes, got {length}")
     at = round(depth * room)
     document = np.concatenate((filler[:at], needle, filler[at:room], tail))
     return document, key
