@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from sparsa.attention import weight_summary
-from sparsa.cli import main
+from sparsa.cli import build_parser, main
 from sparsa.experiments import results
 from sparsa.experiments.data import training_batch
 from sparsa.experiments.evaluate import decoded_correctly, evaluate, observing
+from sparsa.experiments.options import resumed_config, run_config
 from sparsa.experiments.train import CHECKPOINT, RunConfig, TrainingInterrupted, learning_rate, train
 from sparsa.models import Transformer
 from sparsa.tasks import IGNORE, make_task
@@ -91,8 +92,19 @@ def _kill():
     raise KeyboardInterrupt
 
 
-def test_a_killed_run_resumes_to_the_weights_and_log_of_an_uninterrupted_one(tmp_path, monkeypatch):
-    config = _config(model={**TINY, "dropout": 0.1})
+TEXT_RUN = {
+    "task": "text",
+    "task_options": {"passkey_share": 0.5},
+    "min_length": 120,
+    "max_length": 120,
+    "val_length": 120,
+}
+"""A language-model run whose batches mix corpus windows and passkey documents."""
+
+
+@pytest.mark.parametrize("task", [{}, TEXT_RUN], ids=["copy", "text"])
+def test_a_killed_run_resumes_to_the_weights_and_log_of_an_uninterrupted_one(task, tmp_path, monkeypatch):
+    config = _config(model={**TINY, "dropout": 0.1}, **task)
     train(config, tmp_path / "whole", quiet=True, device="cpu")
     restore = _stop_at(monkeypatch, 4, _kill)
     with pytest.raises(TrainingInterrupted) as stopped:
@@ -383,6 +395,31 @@ def test_cli_errors_are_one_line_that_names_the_problem(argv, message, finished_
     assert not (tmp_path / "x").exists()
 
 
+def _parsed(*argv):
+    return build_parser().parse_args(["train", "--out", "x", *argv])
+
+
+def test_a_variant_that_names_positions_overrides_the_preset_but_not_an_option():
+    assert (
+        run_config(_parsed("--preset", "lm-cpu", "--variant", "softmax-rope")).model_config().positions
+        == "rope"
+    )
+    assert run_config(_parsed("--preset", "lm-cpu")).model_config().positions == "nape"
+    typed = run_config(_parsed("--variant", "softmax-rope", "--positions", "alibi"))
+    assert typed.model_config().positions == "alibi"
+    base = run_config(_parsed("--preset", "lm-cpu"))
+    swept = dataclasses.replace(base, variant="softmax-rope").model_config()
+    assert (swept.positions, swept.alpha, swept.d_model, swept.n_layers) == ("rope", 1.0, 128, 4)
+
+
+def test_a_run_resumed_with_its_preset_keeps_its_settings_and_refuses_another():
+    saved = run_config(_parsed("--preset", "lm-cpu", "--task", "text", "--variant", "softmax-rope"))
+    again = _parsed("--preset", "lm-cpu", "--resume")
+    assert resumed_config(again, saved) == saved
+    with pytest.raises(ValueError, match="preset_model"):
+        resumed_config(_parsed("--preset", "lm-gpu", "--resume"), saved)
+
+
 def test_cli_resumes_from_the_run_folder_alone_and_extends_a_finished_run(tmp_path, capsys, finished_run):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
@@ -458,12 +495,12 @@ def test_every_command_has_help(capsys):
 
 def test_the_demo_evaluates_the_shipped_models(tmp_path, monkeypatch):
     demo = importlib.import_module("sparsa.experiments.demo")
-    short = tuple(dataclasses.replace(d, lengths=d.lengths[:2]) for d in demo.DEMO_TASKS)
+    short = {name: dataclasses.replace(d, lengths=d.lengths[:2]) for name, d in demo.DEMO_TASKS.items()}
     monkeypatch.setattr(demo, "DEMO_TASKS", short)
     monkeypatch.setattr(demo, "SUMMARY_EXAMPLES", 1)
     records = demo.run_demo(tmp_path, examples=3, device="cpu", quiet=True)
     assert set(records) == {"copy", "lookup"}
-    for task in demo.DEMO_TASKS:
+    for task in (short["copy"], short["lookup"]):
         record = records[task.name]
         assert {r["variant"] for r in record["results"]} == {"softmax", "ssmax", "entmax", "asentmax"}
         for variant in ("softmax", "asentmax"):
@@ -475,8 +512,10 @@ def test_the_demo_evaluates_the_shipped_models(tmp_path, monkeypatch):
 
 def test_the_demo_retrains_with_the_sweep(tmp_path, monkeypatch):
     demo = importlib.import_module("sparsa.experiments.demo")
-    monkeypatch.setattr(demo, "DEMO_STEPS", 3)
-    short = tuple(dataclasses.replace(d, lengths=(16,)) for d in demo.DEMO_TASKS)
+    short = {
+        name: dataclasses.replace(d, lengths=(16,), training={**d.training, "steps": 3})
+        for name, d in demo.DEMO_TASKS.items()
+    }
     monkeypatch.setattr(demo, "DEMO_TASKS", short)
     records = demo.run_demo(tmp_path, retrain=True, examples=2, device="cpu", quiet=True)
     assert [len(records[t]["results"]) for t in ("copy", "lookup")] == [4, 4]

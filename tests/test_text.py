@@ -75,7 +75,12 @@ def test_windows_lie_inside_one_document_uniform_over_all_starts(tmp_path):
         key = (name, documents[name].index(window))
         counts[key] = counts.get(key, 0) + 1
     assert len(counts) == 6 + 16 and min(counts.values()) > 50 and max(counts.values()) < 150
-    assert [len(w) for w in corpus.windows("test", 20)] == [20, 20, 20, 20, 20]
+    first, second = (documents[name] for name in sorted(test_names))
+    every = [first[i : i + 20] for i in range(0, len(first) - 19, 20)]
+    every += [second[i : i + 20] for i in range(0, len(second) - 19, 20)]
+    assert [bytes(w) for w in corpus.windows("test", 20)] == every
+    assert [bytes(w) for w in corpus.windows("test", 20, 3)] == [every[0], every[2], every[4]]
+    assert [bytes(w) for w in corpus.windows("test", 20, 9)] == every
 
 
 def test_language_model_examples_label_every_next_byte():
@@ -149,7 +154,7 @@ def test_bits_per_byte_equal_the_cross_entropy_by_hand(tmp_path):
     task = make_task("text", corpus=str(tmp_path / "book.txt"))
     model = _tiny_model(task)
     result = bits_per_byte(model, task, 48, max_windows=3, batch_size=2)
-    windows = list(corpus.windows("test", 48))[:3]
+    windows = corpus.windows("test", 48, 3)
     by_hand = []
     with torch.no_grad():
         for window in windows:
@@ -231,6 +236,9 @@ def test_train_and_eval_on_a_corpus_folder_end_to_end(tmp_path, capsys):
         for row in rows.values()
     )
     assert set(rows[256]["passkey_by_depth"]) == {"0", "0.25", "0.5", "0.75", "1"}
-    assert "bits per byte" in (tmp_path / "ev" / "table.md").read_text()
+    assert record["corpus"] == Corpus(str(tmp_path / "corpus")).fingerprint()
+    assert record["corpus"]["files"] == 30
+    table = (tmp_path / "ev" / "table.md").read_text()
+    assert "bits per byte" in table and f"sha256 {record['corpus']['sha256'][:16]}" in table
     assert (tmp_path / "ev" / "passkey.png").exists() and (tmp_path / "ev" / "bits_by_position.png").exists()
     assert "bits per byte" in capsys.readouterr().out

@@ -12,7 +12,6 @@ when all five are the argmax).
 from __future__ import annotations
 
 import math
-from itertools import islice
 
 import numpy as np
 import torch
@@ -37,10 +36,13 @@ def bits_per_byte(
     batch_size: int = 64,
     split: str = "test",
 ) -> dict:
-    """Bits per byte over up to ``max_windows`` windows of ``context`` bytes of ``split``, and by position."""
+    """Bits per byte over up to ``max_windows`` windows of ``context`` bytes of ``split``, and by position.
+
+    The windows are non-overlapping and evenly spaced over the split (Corpus.windows).
+    """
     if max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-    windows = list(islice(load_corpus(task.corpus).windows(split, context), max_windows))
+    windows = load_corpus(task.corpus).windows(split, context, max_windows)
     if not windows:
         raise ValueError(f"no document of the {split} split of corpus {task.corpus!r} holds {context} bytes")
     device = next(model.parameters()).device

@@ -123,7 +123,8 @@ def run_config(args: argparse.Namespace, variant: str | None = None, seed: int |
         task=args.task or "copy",
         task_options=parse_task_options(args.task_option),
         variant=variant or getattr(args, "variant", None) or "asentmax",
-        model={**chosen["model"], **_model_options(args)},
+        model=_model_options(args),
+        preset_model=chosen["model"],
         seed=next(s for s in (seed, getattr(args, "seed", None), 0) if s is not None),
         **{**chosen["train"], **_train_options(args)},
     )
@@ -134,7 +135,7 @@ def resumed_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
     typed = _train_options(args)
     if args.preset is not None:
         chosen = preset(args.preset)
-        typed = {**chosen["train"], **typed, "model": {**saved.model, **chosen["model"]}}
+        typed = {**chosen["train"], **typed, "preset_model": chosen["model"]}
     if args.task is not None:
         typed["task"] = args.task
     if args.task_option is not None:
@@ -144,7 +145,7 @@ def resumed_config(args: argparse.Namespace, saved: RunConfig) -> RunConfig:
             typed[name] = getattr(args, name)
     model = _model_options(args)
     if model:
-        typed["model"] = {**typed.get("model", saved.model), **model}
+        typed["model"] = {**saved.model, **model}
     config = dataclasses.replace(saved, **typed)
     changed = unresumable_changes(saved, config)
     if changed:

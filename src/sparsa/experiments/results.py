@@ -6,6 +6,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from ..tasks import make_task
+from ..tasks.text import Text, load_corpus
+
 ATTENTION_NAMES = {
     "max_weight": "largest attention weight",
     "entropy": "normalised attention entropy",
@@ -28,18 +31,39 @@ METRICS = {
 }
 
 
+TEXT_METRIC_NAMES = {
+    "exact_match": "passkey exact match (%, mean over depths)",
+    "token_accuracy": "next-byte accuracy (%)",
+    "bits_per_byte": "bits per byte",
+}
+"""What exact match and per-token accuracy are on the text task (language.language_scores)."""
+
+
+def metric_name(record: dict, metric: str) -> str:
+    if record["task"] == "text" and metric in TEXT_METRIC_NAMES:
+        return TEXT_METRIC_NAMES[metric]
+    return METRICS[metric]
+
+
 def new_record(
     task: str, task_options: dict, train_length: int, preset: str | None = None, *, min_train_length: int
 ) -> dict:
-    """An empty record; training covered lengths min_train_length..train_length."""
-    return {
+    """An empty record; training covered lengths min_train_length..train_length.
+
+    A text task's record also names its corpus (``Corpus.fingerprint``), so a
+    reader knows which text the scores are on.
+    """
+    record = {
         "task": task,
         "task_options": task_options,
         "train_length": train_length,
         "min_train_length": min_train_length,
         "preset": preset,
-        "results": [],
     }
+    made = make_task(task, **task_options)
+    if isinstance(made, Text):
+        record["corpus"] = load_corpus(made.corpus).fingerprint()
+    return {**record, "results": []}
 
 
 def write(record: dict, path: str | Path) -> Path:
@@ -93,7 +117,7 @@ def table(record: dict, metric: str = "exact_match") -> str:
     for variant in variants:
         cells = [f"{means[variant, n]:.{digits}f}" if (variant, n) in means else "" for n in lengths]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n{METRICS[metric]}: {sample_note(record, metric)}.\n"
+    return "\n".join(lines) + f"\n\n{metric_name(record, metric)}: {sample_note(record, metric)}.\n"
 
 
 LOG_SCALE_METRICS = tuple(m for m in METRICS if m.startswith("support"))
@@ -124,9 +148,18 @@ def sample_note(record: dict, metric: str) -> str:
     rows = [row for row in record["results"] if metric in row]
     seeds = sorted({row["seed"] for row in rows})
     key = "summary_examples" if metric in ATTENTION_METRICS else "examples"
+    what = "examples (their answer rows, over layers and heads)" if key == "summary_examples" else "examples"
+    if record["task"] == "text":
+        key, what = (
+            ("passkey_trials", "passkey documents per depth")
+            if metric == "exact_match"
+            else (
+                "examples",
+                "test windows",
+            )
+        )
     counts = sorted({row[key] for row in rows if key in row})
     examples = "/".join(str(c) for c in counts) or "?"
-    what = "examples (their answer rows, over layers and heads)" if key == "summary_examples" else "examples"
     seed_text = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
     mean = "mean of " if len(seeds) > 1 else ""
     return f"{mean}{seed_text}, {examples} {what} per length and seed"
@@ -175,9 +208,14 @@ def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
     axes.set_xscale("log", base=2)
     if metric in LOG_SCALE_METRICS:
         axes.set_yscale("log")
-    axes.set_xlabel("evaluation length (the task's length: symbols, pairs, ...; log scale)")
-    axes.set_ylabel(METRICS[metric])
-    figure.suptitle(f"{record['task']}: {METRICS[metric]} against length", fontsize=11)
+    unit = (
+        "context (bytes"
+        if record["task"] == "text"
+        else "evaluation length (the task's length: symbols, pairs, ..."
+    )
+    axes.set_xlabel(f"{unit}; log scale)")
+    axes.set_ylabel(metric_name(record, metric))
+    figure.suptitle(f"{record['task']}: {metric_name(record, metric)} against length", fontsize=11)
     axes.set_title(sample_note(record, metric), fontsize=8.5, color="dimgrey")
     axes.grid(alpha=0.3, which="both")
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
@@ -268,13 +306,23 @@ def bits_by_position_plot(record: dict, path: str | Path) -> Path:
     return path
 
 
+def corpus_line(fingerprint: dict) -> str:
+    python = f", Python {fingerprint['python']}" if "python" in fingerprint else ""
+    return (
+        f"{fingerprint['source']}{python}, {fingerprint['files']} files, {fingerprint['bytes']:,} bytes, "
+        f"sha256 {fingerprint['sha256'][:16]}"
+    )
+
+
 def report(record: dict, out: str | Path) -> list[Path]:
     """table.md (every metric present), a PNG per metric in ``out``; text adds passkey and position plots."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     present = [m for m in METRICS if any(m in row for row in record["results"])]
     sections = [f"# {record['task']} (trained on {trained_on(record)})\n"]
-    sections += [f"## {METRICS[m]}\n\n{table(record, m)}" for m in present]
+    if "corpus" in record:
+        sections.append(f"Corpus: {corpus_line(record['corpus'])}\n")
+    sections += [f"## {metric_name(record, m)}\n\n{table(record, m)}" for m in present]
     written = [out / "table.md"]
     written[0].write_text("\n".join(sections))
     written += [plot(record, out / f"{m}.png", m) for m in present]

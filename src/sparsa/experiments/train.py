@@ -38,8 +38,10 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "log_every")
 class RunConfig:
     """Everything that defines a training run; two runs with equal configs train identically.
 
-    ``model`` overrides TransformerConfig fields on top of the variant's
-    (alpha, scaling); the vocabulary comes from the task. The validation
+    The model's TransformerConfig fields come from ``preset_model`` (a
+    preset's sizes), then the variant's (alpha, scaling, and positions for
+    those that name them), then ``model`` (options given one by one); the
+    vocabulary comes from the task. The validation
     split (``val_length``, default twice the longest training length) selects
     the saved model: best exact match, ties and all-zero splits broken by
     per-token accuracy. ``warmup_steps`` defaults to a tenth of ``steps``.
@@ -49,6 +51,7 @@ class RunConfig:
     task_options: dict = field(default_factory=dict)
     variant: str = "asentmax"
     model: dict = field(default_factory=dict)
+    preset_model: dict = field(default_factory=dict)
     min_length: int = 8
     max_length: int = 16
     steps: int = 1500
@@ -93,7 +96,7 @@ class RunConfig:
         return make_task(self.task, **self.task_options)
 
     def model_config(self) -> TransformerConfig:
-        fields = {**variant_fields(self.variant), **self.model}
+        fields = {**self.preset_model, **variant_fields(self.variant), **self.model}
         return TransformerConfig(vocab_size=self.make_task().vocab_size, **fields)
 
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 VARIANTS: dict[str, dict] = {
     "softmax": {"alpha": 1.0, "scaling": None},
+    "softmax-rope": {"alpha": 1.0, "scaling": None, "positions": "rope"},
     "ssmax": {"alpha": 1.0, "scaling": "ssmax"},
     "entmax": {"alpha": 1.5, "scaling": None},
     "asentmax": {"alpha": 1.5, "scaling": "asentmax"},
@@ -12,9 +13,11 @@ VARIANTS: dict[str, dict] = {
     "learned-alpha": {"alpha": 1.5, "learn_alpha": True, "scaling": None},
     "learned-alpha-asentmax": {"alpha": 1.5, "learn_alpha": True, "scaling": "asentmax"},
 }
-"""Model fields of each variant; every variant uses the preset's positions (NAPE) unless overridden."""
+"""Model fields of each variant, over the preset's; those that name no positions use the preset's (NAPE)."""
 
 DEMO_VARIANTS = ("softmax", "ssmax", "entmax", "asentmax")
+LANGUAGE_VARIANTS = ("softmax-rope", *DEMO_VARIANTS)
+"""The language-model comparison: what most language models use, then the demo's four (NAPE)."""
 
 PRESETS: dict[str, dict] = {
     "demo": {
@@ -25,8 +28,31 @@ PRESETS: dict[str, dict] = {
         "model": {"d_model": 512, "n_layers": 4, "n_heads": 16, "positions": "nape"},
         "train": {"batch_size": 128, "steps": 20000, "lr": 3e-4},
     },
+    "lm-cpu": {
+        "model": {"d_model": 128, "n_layers": 4, "n_heads": 8, "positions": "nape"},
+        "train": {
+            "batch_size": 32,
+            "steps": 1000,
+            "lr": 2e-3,
+            "min_length": 256,
+            "max_length": 256,
+            "val_examples": 16,
+        },
+    },
+    "lm-gpu": {
+        "model": {"d_model": 512, "n_layers": 8, "n_heads": 16, "positions": "nape"},
+        "train": {
+            "batch_size": 64,
+            "steps": 20000,
+            "lr": 6e-4,
+            "min_length": 1024,
+            "max_length": 1024,
+            "val_examples": 32,
+        },
+    },
 }
-"""demo: sizes a 2-core CPU trains in minutes; paper: the published synthetic-task recipe, for GPUs.
+"""demo: sizes a 2-core CPU trains in minutes; paper: the published synthetic-task recipe, for GPUs;
+lm-cpu / lm-gpu: byte-level language models for the text task (contexts of 256 and 1024 bytes).
 
 Both warm up for a tenth of their steps (RunConfig's default).
 """

@@ -118,11 +118,20 @@ class Corpus:
         start = index - int(starts[:document].sum())
         return documents[document][start : start + length]
 
-    def windows(self, split: str, length: int):
-        """Non-overlapping windows of ``length`` bytes, document by document, in file order."""
-        for document in self.documents[split]:
-            for start in range(0, len(document) - length + 1, length):
-                yield document[start : start + length]
+    def windows(self, split: str, length: int, count: int | None = None) -> list[np.ndarray]:
+        """Non-overlapping windows of ``length`` bytes, document by document, in file order.
+
+        With ``count``, that many of them (or all, if fewer) evenly spaced over
+        the whole split, so a capped evaluation still samples every part of it.
+        """
+        every = [
+            document[start : start + length]
+            for document in self.documents[split]
+            for start in range(0, len(document) - length + 1, length)
+        ]
+        if count is None or count >= len(every):
+            return every
+        return [every[i] for i in np.linspace(0, len(every) - 1, count).round().astype(int)]
 
 
 @cache
