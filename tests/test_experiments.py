@@ -510,6 +510,26 @@ def test_the_demo_evaluates_the_shipped_models(tmp_path, monkeypatch):
         assert (tmp_path / task.name / "exact_match.png").exists()
 
 
+def test_the_text_demo_evaluates_the_shipped_language_models(tmp_path, monkeypatch):
+    demo = importlib.import_module("sparsa.experiments.demo")
+    text = dataclasses.replace(demo.DEMO_TASKS["text"], lengths=(256, 512))
+    monkeypatch.setattr(demo, "DEMO_TASKS", {**demo.DEMO_TASKS, "text": text})
+    record = demo.run_demo(tmp_path, tasks=("text",), examples=2, device="cpu", quiet=True)["text"]
+    variants = ("softmax-rope", "softmax", "ssmax", "entmax", "asentmax")
+    assert {r["variant"] for r in record["results"]} == set(variants)
+    assert record["corpus"]["source"] == "stdlib"
+    for variant in variants:
+        folder = demo.SHIPPED / "text" / variant
+        assert (folder / "model.safetensors").stat().st_size < 2_000_000
+        shipped = RunConfig.from_dict(json.loads((folder / "run.json").read_text()))
+        assert shipped == dataclasses.replace(text.config(), variant=variant)
+    assert Transformer.from_pretrained(demo.SHIPPED / "text" / "softmax-rope").config.positions == "rope"
+    for name in ("table.md", "bits_by_position.png", "passkey.png", "bits_per_byte.png"):
+        assert (tmp_path / "text" / name).exists()
+    with pytest.raises(ValueError, match="unknown demo tasks"):
+        demo.run_demo(tmp_path, tasks=("nosuch",))
+
+
 def test_the_demo_retrains_with_the_sweep(tmp_path, monkeypatch):
     demo = importlib.import_module("sparsa.experiments.demo")
     short = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from numbers import Real
@@ -9,9 +10,11 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .blocked import blocked_attention
+from ..normalize._validate import compute_dtype
+from ..normalize.rowmaps import get_row_map
+from .blocked import blocked_attention, blocked_row_map_attention
 from .masks import KeyPadding, ScoreBias
-from .reference import reference_attention
+from .reference import reference_attention, reference_row_map_attention
 from .stats import AttentionStats
 
 
@@ -37,6 +40,9 @@ def attention(
     backend: str = "auto",
     return_stats: bool = False,
     dropout_p: float = 0.0,
+    row_map: str | None = None,
+    row_parameters: dict[str, Tensor] | None = None,
+    row_options: dict[str, float] | None = None,
 ) -> Tensor | tuple[Tensor, AttentionStats]:
     """alpha-entmax attention: entmax_alpha(scale * q k^T + bias) v.
 
@@ -64,6 +70,13 @@ def attention(
             the rest scaled by 1 / (1 - dropout_p)), for training; it needs
             the weight matrix, so any dropout_p > 0 runs the dense
             "reference" backend whatever ``backend`` says.
+        row_map: instead of alpha-entmax, a row map of the related work by
+            name (:data:`sparsa.normalize.ROW_MAPS`: top-k softmax,
+            stick-breaking, adaptive temperature, ...), with its per-head
+            ``row_parameters`` (tensors (H,), learnt by the caller; default
+            their start values) and fixed ``row_options``. Runs in the
+            "reference" and "blocked" backends ("auto" picks blocked); no
+            ``return_stats`` (row maps have no entmax threshold).
 
     Rows with no visible key give zeros and zero gradients.
     """
@@ -95,6 +108,20 @@ def attention(
         alibi_slopes=alibi_slopes,
         device=q.device,
     )
+    if row_map is not None:
+        return _row_map_attention(
+            q,
+            k,
+            v,
+            row_map,
+            row_parameters,
+            row_options,
+            bias,
+            scale,
+            backend,
+            return_stats,
+            float(dropout_p),
+        )
     if dropout_p > 0:
         out, stats = reference_attention(q, k, v, alpha, bias, scale, return_stats, float(dropout_p))
         return (out, stats) if return_stats else out
@@ -107,6 +134,30 @@ def attention(
     run = BACKENDS[backend]
     out, stats = run(q, k, v, alpha, bias, scale, return_stats)
     return (out, stats) if return_stats else out
+
+
+def _row_map_attention(q, k, v, name, parameters, options, bias, scale, backend, return_stats, dropout_p):
+    chosen = get_row_map(name)
+    if backend == "triton":
+        raise ValueError(
+            f"backend 'triton' computes alpha-entmax only; row map {name!r} needs 'blocked' or 'reference'"
+        )
+    if return_stats:
+        raise ValueError(f"return_stats describes entmax thresholds; row map {name!r} has none")
+    if chosen.causal and not bias.is_causal:
+        raise ValueError(f"row map {name!r} reads keys in causal order and needs is_causal=True")
+    arguments = chosen.arguments(
+        q.shape[1], parameters, options or {}, q.new_empty(0, dtype=compute_dtype(q.dtype))
+    )
+    tensors = {n: value for n, value in arguments.items() if isinstance(value, Tensor)}
+    for n, value in tensors.items():
+        if value.device != q.device:
+            raise ValueError(f"row parameter {n!r} is on {value.device}, q on {q.device}")
+    fixed = {n: value for n, value in arguments.items() if n not in tensors}
+    if dropout_p > 0 or backend == "reference":
+        weigh = functools.partial(chosen.function, **tensors, **fixed)
+        return reference_row_map_attention(q, k, v, weigh, bias, scale, dropout_p)
+    return blocked_row_map_attention(q, k, v, chosen.function, tensors, fixed, bias, scale)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

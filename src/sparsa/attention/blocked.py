@@ -179,3 +179,79 @@ def blocked_attention(
     )
     tau = torch.where(alpha_rows == 1, m + s, (alpha_rows - 1) * m + s)
     return out, AttentionStats(tau=tau, support=support, skipped_fraction=float(skipped))
+
+
+class BlockedRowMapAttention(torch.autograd.Function):
+    """Attention under a row map of normalize.rowmaps, query block by query block.
+
+    The forward keeps only the output; the backward recomputes each block's
+    scores and weights under autograd and backpropagates that block alone, so
+    memory stays O(block x Nk) whatever the map's own backward needs.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, function, options, names, bias, scale, *parameters):
+        layout = _Layout(q, k, 1.0, bias)
+        out = q.new_zeros(layout.batch, layout.heads, layout.n_q, v.shape[-1])
+        with torch.no_grad():
+            for start, end, keys in layout.blocks():
+                if keys:
+                    block = _row_map_block(
+                        layout, q, k, v, function, options, names, parameters, scale, start, end, keys
+                    )
+                    out[:, :, start:end] = block.to(out.dtype)
+        ctx.save_for_backward(q, k, v, *parameters)
+        ctx.layout_args = (function, options, names, bias, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *parameters = ctx.saved_tensors
+        function, options, names, bias, scale = ctx.layout_args
+        layout = _Layout(q, k, 1.0, bias)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, *parameters)]
+        grads = [torch.zeros_like(x, dtype=layout.work) for x in leaves]
+        for start, end, keys in layout.blocks():
+            if not keys:
+                continue
+            with torch.enable_grad():
+                block = _row_map_block(
+                    layout, *leaves[:3], function, options, names, leaves[3:], scale, start, end, keys
+                )
+                wanted = [i for i, leaf in enumerate(leaves) if i >= 3 or ctx.needs_input_grad[i]]
+                found = torch.autograd.grad(
+                    block,
+                    [leaves[i] for i in wanted],
+                    grad_out[:, :, start:end].to(block.dtype),
+                    allow_unused=True,
+                )
+            for i, grad in zip(wanted, found, strict=True):
+                if grad is not None:
+                    grads[i] += grad
+        grad_q, grad_k, grad_v, *grad_parameters = (g.to(x.dtype) for g, x in zip(grads, leaves, strict=True))
+        return (grad_q, grad_k, grad_v, None, None, None, None, None, *grad_parameters)
+
+
+def _row_map_block(layout, q, k, v, function, options, names, parameters, scale, start, end, keys):
+    """Output rows start:end (B, H, rows, Dv) in the compute dtype, from the keys before ``keys``."""
+    q_rows = layout.grouped(q, start, end)
+    scores = layout.scores(q_rows, k.to(layout.work), scale, start, end, slice(0, keys))
+    scores = scores.view(layout.batch, layout.heads, end - start, keys)
+    weights = function(scores, **dict(zip(names, parameters, strict=True)), **options)
+    grouped = weights.view(layout.batch, layout.kv_heads, -1, keys) @ v[:, :, :keys].to(layout.work)
+    return grouped.view(layout.batch, layout.heads, end - start, -1)
+
+
+def blocked_row_map_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    function,
+    parameters: dict[str, Tensor],
+    options: dict,
+    bias: ScoreBias,
+    scale: float,
+) -> Tensor:
+    """Attention with weights ``function(scores, **parameters, **options)``, without materialising (Nq, Nk)."""
+    names = tuple(parameters)
+    return BlockedRowMapAttention.apply(q, k, v, function, options, names, bias, scale, *parameters.values())

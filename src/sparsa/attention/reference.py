@@ -6,6 +6,8 @@ tested against, on any device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,28 @@ from ..normalize import entmax
 from ..normalize._validate import compute_dtype
 from .masks import ScoreBias
 from .stats import AttentionStats, thresholds_of
+
+
+def reference_row_map_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    weigh: Callable[[Tensor], Tensor],
+    bias: ScoreBias,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention whose weights are ``weigh(scores)`` (a bound row map of normalize.rowmaps), densely."""
+    batch, heads, n_q, _ = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    work = compute_dtype(q.dtype)
+    grouped_q = q.to(work).reshape(batch, kv_heads, group * n_q, -1)
+    scores = (scale * grouped_q @ k.to(work).transpose(-1, -2)).view(batch, heads, n_q, n_k)
+    weights = weigh(bias.apply_(scores, 0, n_q))
+    kept = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    out = kept.view(batch, kv_heads, group * n_q, n_k) @ v.to(work)
+    return out.view(batch, heads, n_q, -1).to(q.dtype)
 
 
 def reference_attention(
