@@ -252,6 +252,6 @@ def blocked_row_map_attention(
     bias: ScoreBias,
     scale: float,
 ) -> Tensor:
-    """Attention with weights ``function(scores, **parameters, **options)``, without materialising (Nq, Nk)."""
+    """Attention with weights ``function(scores, **parameters, **options)``, never holding (Nq, Nk)."""
     names = tuple(parameters)
     return BlockedRowMapAttention.apply(q, k, v, function, options, names, bias, scale, *parameters.values())
