@@ -16,6 +16,8 @@ from sparsa.layers import (
     TokenLayout,
     alibi_slopes,
 )
+from sparsa.layers.scaling import make_scaling
+from sparsa.normalize import ROW_MAPS, get_row_map
 
 SCALINGS = [None, "asentmax", "asentmax-static", "ssmax", "temperature", "learned-temperature"]
 POSITIONS = ["nope", "alibi", "nape", "rope", "rope+nape"]
@@ -83,11 +85,16 @@ def _dense_by_hand(layer, x, positions, key_mask):
     keep = (i[None, :] <= i[:, None]) & key_mask[:, None, None, :]
     scores = scores.masked_fill(~keep, float("-inf"))
     alpha = layer.alpha
-    if isinstance(alpha, torch.Tensor):
+    if layer.row_map is not None:
+        weights = get_row_map(layer.row_map)(scores, dict(layer.row_parameters.items()), **layer.row_options)
+    elif isinstance(alpha, torch.Tensor):
         weights = sparsa.entmax(scores, alpha.view(1, -1, 1, 1).expand(batch, -1, n, 1))
     else:
         weights = sparsa.entmax(scores, alpha)
-    out = (weights @ v).transpose(1, 2).reshape(batch, n, heads * dim)
+    out = weights @ v
+    if layer.gate is not None:
+        out = out * torch.sigmoid(x @ layer.gate.weight.T).view(batch, n, heads, -1).transpose(1, 2)
+    out = out.transpose(1, 2).reshape(batch, n, heads * dim)
     return out @ layer.o_proj.weight.T
 
 
@@ -109,6 +116,34 @@ def test_module_equals_dense_computation_by_hand(scaling, positions, alpha):
     x = torch.randn(2, 23, 48, dtype=torch.float64)
     expected = _dense_by_hand(layer, x, torch.arange(23).expand(2, 23), torch.ones(2, 23, dtype=torch.bool))
     torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("row_map", [None, *ROW_MAPS])
+@pytest.mark.parametrize("gate", [None, "head", "element"])
+def test_row_maps_and_gates_equal_dense_computation_by_hand(row_map, gate):
+    layer = SparseAttention(48, 4, 2, alpha=1.0, positions="nape", row_map=row_map, gate=gate).double()
+    _randomize(layer)
+    x = torch.randn(2, 17, 48, dtype=torch.float64)
+    expected = _dense_by_hand(layer, x, torch.arange(17).expand(2, 17), torch.ones(2, 17, dtype=torch.bool))
+    torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-9)
+    assert len(list(layer.parameters())) == 4 + len(get_row_map(row_map).parameters if row_map else ()) + (
+        gate is not None
+    )
+
+
+def test_log_n_and_position_temperature_equal_their_formulas():
+    log_n = torch.log1p(torch.tensor([[1.0, 7.0, 999.0]], dtype=torch.float64))
+    x = torch.zeros(1, 3, 4, dtype=torch.float64)
+    log_scale = make_scaling("log-n", 4, 2, train_length=8)
+    position = make_scaling("position-temperature", 4, 2)
+    assert not list(log_scale.parameters()) and position.b.item() == 1.5
+    for t, n in enumerate([1, 7, 999]):
+        for h in range(2):
+            assert log_scale(x, log_n)[0, h, t].item() == pytest.approx(max(1, math.log(n) / math.log(8)))
+            expected = 1 + math.exp(-math.exp(1.5)) * math.log(n)
+            assert position(x, log_n)[0, h, t].item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="train_length > 1"):
+        make_scaling("log-n", 4, 2, train_length=1)
 
 
 @pytest.mark.parametrize("scaling", ["asentmax", "ssmax"])

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -97,6 +98,10 @@ class RunConfig:
 
     def model_config(self) -> TransformerConfig:
         fields = {**self.preset_model, **variant_fields(self.variant), **self.model}
+        if fields.get("scaling") == "log-n":
+            # Log-n scaling is relative to the training context: the longest training example.
+            context = len(self.make_task().example(np.random.default_rng(0), self.max_length).tokens)
+            fields["scaling_options"] = {"train_length": context, **fields.get("scaling_options", {})}
         return TransformerConfig(vocab_size=self.make_task().vocab_size, **fields)
 
     def to_dict(self) -> dict:

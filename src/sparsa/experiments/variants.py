@@ -12,10 +12,41 @@ VARIANTS: dict[str, dict] = {
     "sparsemax": {"alpha": 2.0, "scaling": None},
     "learned-alpha": {"alpha": 1.5, "learn_alpha": True, "scaling": None},
     "learned-alpha-asentmax": {"alpha": 1.5, "learn_alpha": True, "scaling": "asentmax"},
+    "topk-softmax": {"alpha": 1.0, "scaling": None, "row_map": "topk-softmax"},
+    "stick-breaking": {"alpha": 1.0, "scaling": None, "row_map": "stick-breaking"},
+    "adaptive-temperature": {"alpha": 1.0, "scaling": None, "row_map": "adaptive-temperature"},
+    "position-temperature": {"alpha": 1.0, "scaling": "position-temperature"},
+    "log-n": {"alpha": 1.0, "scaling": "log-n"},
+    "focal": {"alpha": 1.0, "scaling": "temperature", "scaling_options": {"inverse_temperature": 2.0}},
+    "focal-learned": {"alpha": 1.0, "scaling": "learned-temperature"},
+    "gated-softmax": {"alpha": 1.0, "scaling": None, "gate": "head"},
+    "gated-softmax-element": {"alpha": 1.0, "scaling": None, "gate": "element"},
+    "elastic-softmax": {"alpha": 1.0, "scaling": None, "row_map": "elastic-softmax"},
+    "nap": {"alpha": 1.0, "scaling": None, "row_map": "nap"},
+    "alpha-relu": {"alpha": 1.0, "scaling": None, "row_map": "alpha-relu"},
+    "sigmoid": {"alpha": 1.0, "scaling": None, "row_map": "sigmoid"},
+    "softpick": {"alpha": 1.0, "scaling": None, "row_map": "softpick"},
 }
 """Model fields of each variant, over the preset's; those that name no positions use the preset's (NAPE)."""
 
 DEMO_VARIANTS = ("softmax", "ssmax", "entmax", "asentmax")
+RELATED_VARIANTS = (
+    "topk-softmax",
+    "stick-breaking",
+    "adaptive-temperature",
+    "position-temperature",
+    "log-n",
+    "focal",
+    "focal-learned",
+    "gated-softmax",
+    "gated-softmax-element",
+    "elastic-softmax",
+    "nap",
+    "alpha-relu",
+    "sigmoid",
+    "softpick",
+)
+"""The related work's mechanisms, each in the layer where it belongs (docs/mathematics.md)."""
 LANGUAGE_VARIANTS = ("softmax-rope", *DEMO_VARIANTS)
 """The language-model comparison: what most language models use, then the demo's four (NAPE)."""
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..attention import BACKENDS, attention
 from ..normalize._validate import compute_dtype
+from ..normalize.rowmaps import get_row_map
 from .positions import (
     SLOPE_SCHEMES,
     PositionScheme,
@@ -23,6 +24,7 @@ from .positions import (
 from .scaling import make_scaling, scale_heads
 
 SCALED_HEADS = ("auto", "all", "nope")
+GATES = (None, "head", "element")
 
 
 class KeyValueStore(Protocol):
@@ -60,6 +62,13 @@ class SparseAttention(nn.Module):
         rope_theta: RoPE base.
         is_causal: decoder (True) or bidirectional attention.
         backend: passed to :func:`sparsa.attention`.
+        row_map: instead of alpha-entmax, a row map of the related work
+            (:data:`sparsa.normalize.ROW_MAPS`), its per-head parameters
+            learnt here from their start values, ``row_options`` fixed.
+        gate: None, "head" (one sigmoid gate per head) or "element" (one per
+            output channel): gated attention (Qiu et al. 2025), each head's
+            output times sigmoid(W x) of the layer input before the output
+            projection.
 
     ``observer``, when set to a callable, receives the final queries and keys
     (after positions, scaling and the cache) and the keyword arguments of
@@ -87,6 +96,9 @@ class SparseAttention(nn.Module):
         rope_theta: float = 10000.0,
         is_causal: bool = True,
         backend: str = "auto",
+        row_map: str | None = None,
+        row_options: dict | None = None,
+        gate: str | None = None,
     ) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -141,6 +153,39 @@ class SparseAttention(nn.Module):
         self.observer = None
         self.fixed_alpha = float(alpha)
         self.alpha_logit = learnable_alpha(alpha, n_heads) if learn_alpha else None
+        self.row_map, self.row_options = row_map, dict(row_options or {})
+        self.row_parameters = nn.ParameterDict()
+        if row_map is not None:
+            chosen = get_row_map(row_map)
+            if learn_alpha:
+                raise ValueError(f"learn_alpha learns entmax's alpha; row map {row_map!r} has none")
+            if chosen.causal and not is_causal:
+                raise ValueError(f"row map {row_map!r} reads keys in causal order and needs is_causal=True")
+            chosen.arguments(n_heads, None, self.row_options, torch.empty(0))
+            for name, start in chosen.parameters.items():
+                self.row_parameters[name] = nn.Parameter(torch.full((n_heads,), float(start)))
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        self.gate = None
+        if gate is not None:
+            self.gate = nn.Linear(d_model, n_heads if gate == "head" else n_heads * head_dim, bias=False)
+
+    def weighting(self) -> dict:
+        """The options of :func:`sparsa.attention` that say how scores become weights."""
+        if self.row_map is None:
+            return {"alpha": self.alpha}
+        return {
+            "row_map": self.row_map,
+            "row_parameters": dict(self.row_parameters.items()),
+            "row_options": self.row_options,
+        }
+
+    def gated(self, out: Tensor, x: Tensor) -> Tensor:
+        """Attention output (B, H, rows, Dv) times the sigmoid gate of the rows' inputs (B, rows, d_model)."""
+        if self.gate is None:
+            return out
+        gate = torch.sigmoid(self.gate(x)).view(x.shape[0], x.shape[1], self.n_heads, -1).transpose(1, 2)
+        return out * gate.to(out.dtype)
 
     @property
     def alpha(self) -> float | Tensor:
@@ -184,20 +229,20 @@ class SparseAttention(nn.Module):
         if scale is not None:
             q = q * scale[..., n - rows :, None].to(q.dtype)
         options = {
-            "alpha": self.alpha,
+            **self.weighting(),
             "is_causal": self.is_causal,
             "attn_mask": layout.key_padding,
             "alibi_slopes": self.alibi_slopes,
         }
         attend = getattr(cache, "attend", None)
         if attend is not None:
-            out = attend(q, k, v, layout, **options)
+            out = self.gated(attend(q, k, v, layout, **options), x[:, n - rows :])
             return self.o_proj(out.transpose(1, 2).reshape(batch, rows, -1))
         if cache is not None:
             k, v = cache.update(k, v)
         if self.observer is not None:
             self.observer(q, k, **options)
-        out = attention(q, k, v, backend=self.backend, **options)
+        out = self.gated(attention(q, k, v, backend=self.backend, **options), x[:, n - rows :])
         return self.o_proj(out.transpose(1, 2).reshape(batch, rows, -1))
 
 

@@ -1,4 +1,4 @@
-"""Length-aware score scaling: ASEntmax, SSMax and temperatures, as query multipliers.
+"""Length-aware score scaling: ASEntmax, SSMax, temperatures, log-n and position temperature, on queries.
 
 Every scaling returns a multiplier per (batch, head, token) that the attention
 layer applies to the queries, so any attention backend fuses it for free.
@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SCALINGS = ("asentmax", "asentmax-static", "ssmax", "temperature", "learned-temperature")
+SCALINGS = (
+    "asentmax",
+    "asentmax-static",
+    "ssmax",
+    "temperature",
+    "learned-temperature",
+    "log-n",
+    "position-temperature",
+)
 
 
 def inverse_softplus(y: float) -> float:
@@ -140,6 +148,42 @@ class TemperatureScale(nn.Module):
         return scale.unsqueeze(0).expand(log_n.shape[0], -1, -1)
 
 
+def _log_keys(log_n: Tensor) -> Tensor:
+    """log n from log_n = log(n + 1)."""
+    return torch.log(torch.expm1(log_n))
+
+
+class LogNScale(nn.Module):
+    """Log-n scaling as some LLMs use it past their context: max(1, log n / log L_train), no parameters."""
+
+    def __init__(self, d_model: int, n_heads: int, *, train_length: float) -> None:
+        super().__init__()
+        if not train_length > 1:
+            raise ValueError(f"log-n scaling needs train_length > 1, got {train_length}")
+        self.n_heads, self.log_train = n_heads, math.log(train_length)
+
+    def forward(self, x: Tensor, log_n: Tensor) -> Tensor:
+        scale = (_log_keys(log_n) / self.log_train).clamp_min(1.0)
+        return scale[:, None, :].expand(-1, self.n_heads, -1)
+
+
+class PositionTemperatureScale(nn.Module):
+    """Selective attention's position temperature (Zhang et al. 2024): 1 + exp(-exp(b)) log i.
+
+    i is the query's 1-based position among the real tokens (its visible keys
+    under causal attention); b is one learnt number per layer, starting at 1.5.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, b_init: float = 1.5) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.b = nn.Parameter(torch.tensor(float(b_init)))
+
+    def forward(self, x: Tensor, log_n: Tensor) -> Tensor:
+        scale = 1 + torch.exp(-torch.exp(self.b.to(log_n.dtype))) * _log_keys(log_n)
+        return scale[:, None, :].expand(-1, self.n_heads, -1)
+
+
 def scale_heads(scaling: nn.Module, x: Tensor, log_n: Tensor, n_heads: int, scaled_heads: Tensor) -> Tensor:
     """Query multipliers (B, n_heads, N): ``scaling``'s output on ``scaled_heads``, 1 on the other heads."""
     scale = scaling(x, log_n)
@@ -163,4 +207,8 @@ def make_scaling(name: str | None, d_model: int, n_heads: int, **options: float)
         return TemperatureScale(d_model, n_heads, **options)
     if name == "learned-temperature":
         return TemperatureScale(d_model, n_heads, learn=True, **options)
+    if name == "log-n":
+        return LogNScale(d_model, n_heads, **options)
+    if name == "position-temperature":
+        return PositionTemperatureScale(d_model, n_heads, **options)
     raise ValueError(f"scaling must be None or one of {SCALINGS}, got {name!r}")

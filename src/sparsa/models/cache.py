@@ -58,6 +58,11 @@ class PagedLayerCache:
         padding = layout.key_padding
         if padding is not None and padding.side != "left":
             raise ValueError("a paged cache needs left padding (as generation uses), got right padding")
+        if "row_map" in options:
+            raise ValueError(
+                f"a paged cache certifies alpha-entmax weights; row map {options['row_map']!r} decodes with "
+                "the dense cache (page_size=None)"
+            )
         n = k.shape[2]
         if self.pages is None:
             self.pages = PagedKVCache.like(k, v, self.page_size)

@@ -6,10 +6,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from ..attention import BACKENDS
-from ..layers.attention import SCALED_HEADS
+from ..layers.attention import GATES, SCALED_HEADS
 from ..layers.positions import SLOPE_SCHEMES, PositionScheme
 from ..layers.scaling import SCALINGS
+from ..normalize.rowmaps import get_row_map
 
 
 @dataclass
@@ -19,7 +22,9 @@ class TransformerConfig:
     ``d_ff`` defaults to about 8/3 * d_model rounded up to a multiple of 8
     (the SwiGLU width with the parameter count of a 4x MLP). Attention fields
     are those of :class:`sparsa.layers.SparseAttention`; ``scaling_options``
-    go to the scaling module.
+    go to the scaling module. ``row_map`` replaces alpha-entmax by a row map
+    of the related work (``row_options`` fixed, its per-head parameters
+    learnt); ``gate`` adds gated attention ("head" or "element").
     """
 
     vocab_size: int
@@ -41,6 +46,9 @@ class TransformerConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     backend: str = "auto"
+    row_map: str | None = None
+    row_options: dict = field(default_factory=dict)
+    gate: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
@@ -72,6 +80,10 @@ class TransformerConfig:
             raise ValueError("init_std and norm_eps must be positive")
         if self.backend not in (*BACKENDS, "auto"):
             raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {self.backend!r}")
+        if self.row_map is not None:
+            get_row_map(self.row_map).arguments(self.n_heads, None, self.row_options, torch.empty(0))
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
 
     @property
     def head_dim(self) -> int:

@@ -39,6 +39,9 @@ class Block(nn.Module):
             alibi_slopes=config.alibi_slopes,
             rope_theta=config.rope_theta,
             backend=config.backend,
+            row_map=config.row_map,
+            row_options=config.row_options,
+            gate=config.gate,
         )
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.d_ff)
