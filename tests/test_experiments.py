@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from sparsa.experiments.data import training_batch
 from sparsa.experiments.evaluate import decoded_correctly, evaluate, observing
 from sparsa.experiments.options import resumed_config, run_config
 from sparsa.experiments.train import CHECKPOINT, RunConfig, TrainingInterrupted, learning_rate, train
+from sparsa.experiments.variants import RELATED_VARIANTS
 from sparsa.models import Transformer
 from sparsa.tasks import IGNORE, make_task
 from sparsa.tasks.base import sample
@@ -229,6 +231,16 @@ def test_classification_tasks_train_and_evaluate(tmp_path):
     model_dir = train(config, tmp_path / "run", quiet=True)
     result = evaluate(Transformer.from_pretrained(model_dir), config.make_task(), 12, examples=8, seed=0)
     assert set(result) == {"length", "examples", "exact_match", "token_accuracy"}
+
+
+@pytest.mark.parametrize("variant", RELATED_VARIANTS)
+def test_every_related_variant_trains_and_evaluates_with_its_statistics(variant, tmp_path):
+    config = _config(variant=variant, steps=2, eval_every=2, checkpoint_every=2, warmup_steps=0)
+    train(config, tmp_path / variant, quiet=True, device="cpu")
+    model = Transformer.from_pretrained(tmp_path / variant / "model")
+    assert model.config.to_dict() == config.model_config().to_dict()
+    row = evaluate(model, config.make_task(), 6, examples=3, seed=0, summary_examples=2)
+    assert all(math.isfinite(row[name]) for name in ("token_accuracy", "max_weight", "entropy", "support"))
 
 
 def test_attention_summary_reports_dispersion(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsa
-from sparsa.attention import KeyPadding
+from sparsa.attention import KeyPadding, weight_summary
 from sparsa.normalize import ROW_MAPS, get_row_map
 from sparsa.normalize.rowmaps import ADAPTIVE_TEMPERATURE_FIT, SOFTPICK_EPS
 
@@ -243,3 +243,12 @@ def test_row_map_attention_refuses_what_it_cannot_compute():
         sparsa.attention(q, k, v, row_map="sigmoid", return_stats=True)
     with pytest.raises(ValueError, match="unknown row map"):
         sparsa.attention(q, k, v, row_map="nosuch")
+
+
+def test_weight_summary_of_a_row_map_describes_its_weight_magnitudes():
+    q, k, _ = _qkv()
+    summary = weight_summary(q, k, is_causal=True, row_map="nap")
+    scores = (q @ k.transpose(-1, -2)).div(math.sqrt(8)).masked_fill(torch.ones(21, 21).triu(1).bool(), -INF)
+    weights = get_row_map("nap")(scores).abs()
+    torch.testing.assert_close(summary.max_weight, weights.amax(-1).mean((0, 2)).float())
+    torch.testing.assert_close(summary.support, (weights > 0).sum(-1).double().mean((0, 2)).float())

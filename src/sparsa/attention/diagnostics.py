@@ -8,6 +8,7 @@ score blocks of a few queries at a time, so long sequences fit in memory.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from ..normalize import entmax
 from ..normalize._validate import compute_dtype
+from ..normalize.rowmaps import get_row_map
 from .masks import KeyPadding, ScoreBias
 
 SUMMARY_BLOCK_BUDGET = 1 << 22
@@ -42,12 +44,18 @@ def weight_summary(
     scale: float | None = None,
     alibi_slopes: Tensor | None = None,
     first_query: int = 0,
+    row_map: str | None = None,
+    row_parameters: dict[str, Tensor] | None = None,
+    row_options: dict[str, float] | None = None,
 ) -> WeightSummary:
     """Summarise the weights of queries ``first_query``.. of q (B, H, Nq, D) over k (B, Hkv, Nk, D).
 
     Arguments mean what they mean for :func:`sparsa.attention`. The entropy
     of a row is divided by the log of its number of visible keys (1 = uniform);
-    rows with a single visible key count as entropy 0.
+    rows with a single visible key count as entropy 0. Under a row map whose
+    rows are not distributions, the largest weight is the largest magnitude
+    and the entropy that of the magnitudes normalised to sum 1; the support
+    counts the nonzero weights.
     """
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -66,6 +74,11 @@ def weight_summary(
     work = compute_dtype(q.dtype)
     scale = 1 / math.sqrt(dim) if scale is None else scale
     head_alpha = alpha if not isinstance(alpha, Tensor) else alpha.to(work).view(1, heads, 1, 1)
+    weigh = None
+    if row_map is not None:
+        chosen = get_row_map(row_map)
+        arguments = chosen.arguments(heads, row_parameters, row_options or {}, q.new_empty(0, dtype=work))
+        weigh = functools.partial(chosen.function, **arguments)
     keys = k.to(work).repeat_interleave(heads // kv_heads, dim=1)
     step = max(1, SUMMARY_BLOCK_BUDGET // max(1, batch * heads * n_k))
     totals = torch.zeros(3, heads, dtype=torch.float64, device=q.device)
@@ -73,13 +86,18 @@ def weight_summary(
     for start in range(first_query, n_q, step):
         end = min(n_q, start + step)
         scores = bias.apply_(scale * q[:, :, start:end].to(work) @ keys.transpose(-1, -2), start, end)
-        p = entmax(scores, head_alpha, dim=-1)
+        p = entmax(scores, head_alpha, dim=-1) if weigh is None else weigh(scores).abs()
+        if weigh is not None:
+            total = p.sum(-1, keepdim=True)
+            largest, p = p.amax(-1), p / torch.where(total > 0, total, torch.ones_like(total))
+        else:
+            largest = p.amax(-1)
         visible = torch.isfinite(scores).sum(-1)
         seen = visible > 0
         plogp = torch.where(p > 0, p * p.clamp_min(1e-38).log(), torch.zeros_like(p))
         entropy = -plogp.sum(-1) / visible.clamp_min(2).log()
         entropy = torch.where(visible > 1, entropy, torch.zeros_like(entropy))
-        for i, value in enumerate((p.amax(-1), entropy, (p > 0).sum(-1).to(work))):
+        for i, value in enumerate((largest, entropy, (p > 0).sum(-1).to(work))):
             totals[i] += torch.where(seen, value, torch.zeros_like(value)).sum((0, 2)).double()
         counted += seen.sum((0, 2)).double()
     means = totals / counted.clamp_min(1)
