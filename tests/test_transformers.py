@@ -426,3 +426,26 @@ def test_the_fine_tuning_example_runs(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "step    1  loss" in printed and "exact match at 24 symbols" in printed
     assert (tmp_path / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("row_map", ["stick-breaking", "elastic-softmax", "softpick"])
+def test_a_row_map_generates_with_the_cache_what_full_forwards_give_and_reloads(row_map, tmp_path):
+    torch.manual_seed(9)
+    model = sparsify(_tiny("llama"), row_map=row_map)
+    _perturb_sparsa_parameters(model)
+    ids, mask = _left_padded_batch()
+    generated = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    torch.testing.assert_close(generated, _greedy_by_full_forwards(model, ids, mask, 6))
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(str(tmp_path)).eval()
+    assert loaded.config.sparsa["row_map"] == row_map
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+    with pytest.raises(ValueError, match="decodes with transformers' dense caches"):
+        _generate(model, ids, mask, 2, cache=PagedCache(model))
+    with pytest.raises(ValueError, match="unknown row map"):
+        sparsify(_tiny("llama"), row_map="nosuch")

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..attention import BACKENDS, DecodeStats, KeyPadding, PagedKVCache, attention, decode
 from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
 from ..normalize._validate import compute_dtype
+from ..normalize.rowmaps import get_row_map
 
 try:
     import transformers
@@ -74,6 +75,9 @@ class SparsaControls(nn.Module):
         scaling_options: keyword arguments of the scaling's constructor.
         heads: indices of the heads to scale (all by default).
         backend: passed to :func:`sparsa.attention`.
+        row_map: instead of alpha-entmax, a row map of the related work
+            (:data:`sparsa.normalize.ROW_MAPS`), its per-head parameters
+            learnt here; ``row_options`` fixed.
     """
 
     def __init__(
@@ -87,9 +91,20 @@ class SparsaControls(nn.Module):
         scaling_options: dict,
         heads: Sequence[int],
         backend: str,
+        row_map: str | None = None,
+        row_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.backend = n_heads, backend
+        self.row_map, self.row_options = row_map, dict(row_options or {})
+        self.row_parameters = nn.ParameterDict()
+        if row_map is not None:
+            if learn_alpha:
+                raise ValueError(f"learn_alpha learns entmax's alpha; row map {row_map!r} has none")
+            chosen = get_row_map(row_map)
+            chosen.arguments(n_heads, None, self.row_options, torch.empty(0))
+            for name, start in chosen.parameters.items():
+                self.row_parameters[name] = nn.Parameter(torch.full((n_heads,), float(start)))
         self.fixed_alpha = float(alpha)
         self.alpha_logit = learnable_alpha(alpha, n_heads) if learn_alpha else None
         self.register_buffer("scaled_heads", torch.tensor(list(heads), dtype=torch.long), persistent=False)
@@ -101,6 +116,16 @@ class SparsaControls(nn.Module):
     @property
     def alpha(self) -> float | Tensor:
         return self.fixed_alpha if self.alpha_logit is None else alpha_from_logit(self.alpha_logit)
+
+    def weighting(self) -> dict:
+        """The options of :func:`sparsa.attention` that say how scores become weights."""
+        if self.row_map is None:
+            return {"alpha": self.alpha}
+        return {
+            "row_map": self.row_map,
+            "row_parameters": dict(self.row_parameters.items()),
+            "row_options": self.row_options,
+        }
 
     def query_scale(self, visible_keys: Tensor) -> Tensor:
         """Multipliers (B, H, Nq) of the queries for (B, Nq) visible keys; needs a scaling."""
@@ -164,18 +189,25 @@ def sparsa_attention(
             raise ValueError("a PagedCache decodes causal attention only")
         if dropout:
             raise ValueError("a PagedCache decodes without attention dropout: call model.eval() first")
+        if controls.row_map is not None:
+            raise ValueError(
+                f"a PagedCache certifies alpha-entmax weights; row map {controls.row_map!r} decodes with "
+                "transformers' dense caches"
+            )
         out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, scaling)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None:
         padding = KeyPadding.of_causal_mask(attention_mask)
         attention_mask, causal = (attention_mask, False) if padding is None else (padding, True)
+    # One query sees every key either way; row maps that read keys in causal order still say so.
+    in_order = controls.row_map is not None and get_row_map(controls.row_map).causal
     out = attention(
         query,
         key,
         value,
-        alpha=controls.alpha,
-        is_causal=causal and n_q > 1,
+        **controls.weighting(),
+        is_causal=causal and (n_q > 1 or in_order),
         attn_mask=attention_mask,
         scale=scaling,
         backend=controls.backend,
@@ -371,6 +403,8 @@ def sparsify(
     learn_alpha: bool = False,
     scaling_options: dict | None = None,
     backend: str = "auto",
+    row_map: str | None = None,
+    row_options: dict | None = None,
 ) -> nn.Module:
     """Switch a transformers model's attention to alpha-entmax in place; returns the model.
 
@@ -386,6 +420,12 @@ def sparsify(
         learn_alpha: learn one alpha per head and layer in (1, 2).
         scaling_options: keyword arguments of the scaling (e.g. beta_init).
         backend: attention backend for :func:`sparsa.attention`.
+        row_map: instead of alpha-entmax, a row map of the related work
+            (:data:`sparsa.normalize.ROW_MAPS`: "topk-softmax",
+            "stick-breaking", "adaptive-temperature", "elastic-softmax",
+            "nap", "alpha-relu", "sigmoid", "softpick"); its per-head
+            parameters are learnt, ``row_options`` fixed (e.g. {"k": 8}).
+            ``alpha`` is then unused.
 
     The settings are stored in ``model.config.sparsa`` so that
     :func:`from_pretrained` rebuilds the converted model.
@@ -408,6 +448,8 @@ def sparsify(
         "learn_alpha": bool(learn_alpha),
         "scaling_options": dict(scaling_options or {}),
         "backend": _check_backend(backend),
+        "row_map": row_map,
+        "row_options": dict(row_options or {}),
     }
     # All controls are built before any is attached: bad scaling_options leave the model as it was.
     controls = [SparsaControls(d_model, n_heads, **settings) for _ in modules]
