@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate the shipped softmax, SSMax, 1.5-entmax and ASEntmax models (all with NAPE) "
         "on copy, from 1x to 64x their training length, and on lookup, from 1x to 256x; with --tasks text, "
         "the byte-level language models (those four and softmax with RoPE) by bits per byte and passkey "
-        "retrieval from 1x to 16x their 256-byte context. Writes results.json, tables and plots to "
+        "retrieval from 1x to 8x their 256-byte context. Writes results.json, tables and plots to "
         "--out/<task>.",
     )
     demo.add_argument("--out", default="results/demo", help="output folder; default results/demo")
