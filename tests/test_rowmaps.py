@@ -252,3 +252,22 @@ def test_weight_summary_of_a_row_map_describes_its_weight_magnitudes():
     weights = get_row_map("nap")(scores).abs()
     torch.testing.assert_close(summary.max_weight, weights.amax(-1).mean((0, 2)).float())
     torch.testing.assert_close(summary.support, (weights > 0).sum(-1).double().mean((0, 2)).float())
+
+
+@pytest.mark.parametrize("name", ["stick-breaking", "nap", "topk-softmax"])
+def test_blocked_row_map_attention_passes_gradcheck_in_fp64(name, monkeypatch):
+    blocked = importlib.import_module("sparsa.attention.blocked")
+    monkeypatch.setattr(blocked, "MIN_QUERY_BLOCK", 2)
+    monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 1)
+    q, k, v = (x[:1, :, :5].clone().requires_grad_() for x in _qkv(n_q=5, n_k=5))
+    parameters = {n: p.requires_grad_() for n, p in _parameters(name).items()}
+    names = list(parameters)
+
+    def attend(q, k, v, *values):
+        options = {
+            "row_parameters": dict(zip(names, values, strict=True)),
+            "row_options": REFERENCES[name][1],
+        }
+        return sparsa.attention(q, k, v, is_causal=True, row_map=name, backend="blocked", **options)
+
+    assert torch.autograd.gradcheck(attend, (q, k, v, *parameters.values()))
