@@ -304,6 +304,14 @@ def test_results_table_plot_and_report(tmp_path):
         results.load(tmp_path / "bad.json")
 
 
+def test_a_table_whose_rows_have_different_seeds_names_each_row_s_count():
+    record = _record()
+    record["results"] = [r for r in record["results"] if r["variant"] != "softmax" or r["seed"] == 0]
+    text = results.table(record)
+    assert "| softmax (1 seed) |" in text and "| asentmax (2 seeds) |" in text
+    assert "| asentmax |" in results.table(_record())
+
+
 def test_figures_and_tables_say_how_many_seeds_and_examples_each_point_is(tmp_path):
     record = _record()
     assert results.training_lengths(record) == (8, 16)

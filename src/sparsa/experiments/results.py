@@ -114,9 +114,16 @@ def table(record: dict, metric: str = "exact_match") -> str:
     header = "| variant | " + " | ".join(f"{n} ({n / train:g}x)" for n in lengths) + " |"
     lines = [header, "|---" * (len(lengths) + 1) + "|"]
     digits = 1 if metric in ("exact_match", "token_accuracy") or metric in LOG_SCALE_METRICS else 3
+    seeds = {
+        v: sorted({r["seed"] for r in record["results"] if r["variant"] == v and metric in r})
+        for v in variants
+    }
+    uneven = len({tuple(s) for s in seeds.values()}) > 1
     for variant in variants:
         cells = [f"{means[variant, n]:.{digits}f}" if (variant, n) in means else "" for n in lengths]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        count = len(seeds[variant])
+        name = f"{variant} ({count} seed{'s' if count != 1 else ''})" if uneven else variant
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{metric_name(record, metric)}: {sample_note(record, metric)}.\n"
 
 
