@@ -128,13 +128,15 @@ def test_a_killed_run_resumes_to_the_weights_and_log_of_an_uninterrupted_one(tas
 def test_ctrl_c_stops_after_the_running_step_with_a_checkpoint_there(tmp_path, monkeypatch):
     config = _config()
     train(config, tmp_path / "whole", quiet=True, device="cpu")
+    # What the process had before (SIG_IGN when it was started in the background), restored after.
+    before = signal.getsignal(signal.SIGINT)
     restore = _stop_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(TrainingInterrupted) as stopped:
         train(config, tmp_path / "stopped", quiet=True, device="cpu")
     restore()
     assert (stopped.value.step, stopped.value.saved_step) == (4, 4)
     assert torch.load(tmp_path / "stopped" / CHECKPOINT, weights_only=True)["step"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     train(config, tmp_path / "stopped", resume=True, quiet=True, device="cpu")
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "stopped")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
