@@ -27,16 +27,28 @@ def reference_row_map_attention(
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Attention whose weights are ``weigh(scores)`` (a bound row map of normalize.rowmaps), densely."""
+    weights = weigh(_biased_scores(q, k, bias, scale))
+    return _weighted_values(weights, v, dropout_p, q.dtype)
+
+
+def _biased_scores(q: Tensor, k: Tensor, bias: ScoreBias, scale: float) -> Tensor:
+    """scale q k^T + bias, (B, H, Nq, Nk) in the compute dtype."""
     batch, heads, n_q, _ = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    group = heads // kv_heads
     work = compute_dtype(q.dtype)
-    grouped_q = q.to(work).reshape(batch, kv_heads, group * n_q, -1)
+    # Heads h = g_kv * group + j share key/value head g_kv: group the queries instead of repeating K and V.
+    grouped_q = q.to(work).reshape(batch, kv_heads, heads // kv_heads * n_q, -1)
     scores = (scale * grouped_q @ k.to(work).transpose(-1, -2)).view(batch, heads, n_q, n_k)
-    weights = weigh(bias.apply_(scores, 0, n_q))
+    return bias.apply_(scores, 0, n_q)
+
+
+def _weighted_values(weights: Tensor, v: Tensor, dropout_p: float, dtype: torch.dtype) -> Tensor:
+    """weights (B, H, Nq, Nk) times v (B, Hkv, Nk, Dv), after attention dropout, in ``dtype``."""
+    batch, heads, n_q, n_k = weights.shape
+    kv_heads = v.shape[1]
     kept = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    out = kept.view(batch, kv_heads, group * n_q, n_k) @ v.to(work)
-    return out.view(batch, heads, n_q, -1).to(q.dtype)
+    out = kept.view(batch, kv_heads, heads // kv_heads * n_q, n_k) @ v.to(weights.dtype)
+    return out.view(batch, heads, n_q, -1).to(dtype)
 
 
 def reference_attention(
@@ -54,19 +66,10 @@ def reference_attention(
     ``dropout_p`` > 0 zeroes weights at random and rescales the rest, as
     torch's attention dropout does; stats describe the weights before it.
     """
-    batch, heads, n_q, _ = q.shape
-    kv_heads, n_k = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    work = compute_dtype(q.dtype)
-    # Heads h = g_kv * group + j share key/value head g_kv: group the queries instead of repeating K and V.
-    grouped_q = q.to(work).reshape(batch, kv_heads, group * n_q, -1)
-    scores = (scale * grouped_q @ k.to(work).transpose(-1, -2)).view(batch, heads, n_q, n_k)
-    scores = bias.apply_(scores, 0, n_q)
-    head_alpha = alpha if isinstance(alpha, float) else alpha.to(work).view(1, heads, 1, 1)
+    scores = _biased_scores(q, k, bias, scale)
+    head_alpha = alpha if isinstance(alpha, float) else alpha.to(scores.dtype).view(1, q.shape[1], 1, 1)
     weights = entmax(scores, head_alpha, dim=-1)
-    kept = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    out = kept.view(batch, kv_heads, group * n_q, n_k) @ v.to(work)
-    out = out.view(batch, heads, n_q, -1).to(q.dtype)
+    out = _weighted_values(weights, v, dropout_p, q.dtype)
     if not stats:
         return out, None
     with torch.no_grad():

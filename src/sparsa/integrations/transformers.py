@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..attention import BACKENDS, DecodeStats, KeyPadding, PagedKVCache, attention, decode
 from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
+from ..layers.attention import row_map_parameters, weighting_options
 from ..normalize._validate import compute_dtype
 from ..normalize.rowmaps import get_row_map
 
@@ -97,14 +98,7 @@ class SparsaControls(nn.Module):
         super().__init__()
         self.n_heads, self.backend = n_heads, backend
         self.row_map, self.row_options = row_map, dict(row_options or {})
-        self.row_parameters = nn.ParameterDict()
-        if row_map is not None:
-            if learn_alpha:
-                raise ValueError(f"learn_alpha learns entmax's alpha; row map {row_map!r} has none")
-            chosen = get_row_map(row_map)
-            chosen.arguments(n_heads, None, self.row_options, torch.empty(0))
-            for name, start in chosen.parameters.items():
-                self.row_parameters[name] = nn.Parameter(torch.full((n_heads,), float(start)))
+        self.row_parameters = row_map_parameters(row_map, self.row_options, n_heads, learn_alpha)
         self.fixed_alpha = float(alpha)
         self.alpha_logit = learnable_alpha(alpha, n_heads) if learn_alpha else None
         self.register_buffer("scaled_heads", torch.tensor(list(heads), dtype=torch.long), persistent=False)
@@ -118,14 +112,7 @@ class SparsaControls(nn.Module):
         return self.fixed_alpha if self.alpha_logit is None else alpha_from_logit(self.alpha_logit)
 
     def weighting(self) -> dict:
-        """The options of :func:`sparsa.attention` that say how scores become weights."""
-        if self.row_map is None:
-            return {"alpha": self.alpha}
-        return {
-            "row_map": self.row_map,
-            "row_parameters": dict(self.row_parameters.items()),
-            "row_options": self.row_options,
-        }
+        return weighting_options(self.alpha, self.row_map, self.row_parameters, self.row_options)
 
     def query_scale(self, visible_keys: Tensor) -> Tensor:
         """Multipliers (B, H, Nq) of the queries for (B, Nq) visible keys; needs a scaling."""

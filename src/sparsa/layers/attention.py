@@ -154,16 +154,9 @@ class SparseAttention(nn.Module):
         self.fixed_alpha = float(alpha)
         self.alpha_logit = learnable_alpha(alpha, n_heads) if learn_alpha else None
         self.row_map, self.row_options = row_map, dict(row_options or {})
-        self.row_parameters = nn.ParameterDict()
-        if row_map is not None:
-            chosen = get_row_map(row_map)
-            if learn_alpha:
-                raise ValueError(f"learn_alpha learns entmax's alpha; row map {row_map!r} has none")
-            if chosen.causal and not is_causal:
-                raise ValueError(f"row map {row_map!r} reads keys in causal order and needs is_causal=True")
-            chosen.arguments(n_heads, None, self.row_options, torch.empty(0))
-            for name, start in chosen.parameters.items():
-                self.row_parameters[name] = nn.Parameter(torch.full((n_heads,), float(start)))
+        if row_map is not None and get_row_map(row_map).causal and not is_causal:
+            raise ValueError(f"row map {row_map!r} reads keys in causal order and needs is_causal=True")
+        self.row_parameters = row_map_parameters(row_map, self.row_options, n_heads, learn_alpha)
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         self.gate = None
@@ -171,14 +164,7 @@ class SparseAttention(nn.Module):
             self.gate = nn.Linear(d_model, n_heads if gate == "head" else n_heads * head_dim, bias=False)
 
     def weighting(self) -> dict:
-        """The options of :func:`sparsa.attention` that say how scores become weights."""
-        if self.row_map is None:
-            return {"alpha": self.alpha}
-        return {
-            "row_map": self.row_map,
-            "row_parameters": dict(self.row_parameters.items()),
-            "row_options": self.row_options,
-        }
+        return weighting_options(self.alpha, self.row_map, self.row_parameters, self.row_options)
 
     def gated(self, out: Tensor, x: Tensor) -> Tensor:
         """Attention output (B, H, rows, Dv) times the sigmoid gate of the rows' inputs (B, rows, d_model)."""
@@ -244,6 +230,31 @@ class SparseAttention(nn.Module):
             self.observer(q, k, **options)
         out = self.gated(attention(q, k, v, backend=self.backend, **options), x[:, n - rows :])
         return self.o_proj(out.transpose(1, 2).reshape(batch, rows, -1))
+
+
+def row_map_parameters(
+    row_map: str | None, options: dict, n_heads: int, learn_alpha: bool
+) -> nn.ParameterDict:
+    """The per-head parameters of ``row_map`` at their start values (none without a row map)."""
+    parameters = nn.ParameterDict()
+    if row_map is None:
+        return parameters
+    if learn_alpha:
+        raise ValueError(f"learn_alpha learns entmax's alpha; row map {row_map!r} has none")
+    chosen = get_row_map(row_map)
+    chosen.arguments(n_heads, None, options, torch.empty(0))
+    for name, start in chosen.parameters.items():
+        parameters[name] = nn.Parameter(torch.full((n_heads,), float(start)))
+    return parameters
+
+
+def weighting_options(
+    alpha: float | Tensor, row_map: str | None, parameters: nn.ParameterDict, options: dict
+) -> dict:
+    """The options of :func:`sparsa.attention` that say how scores become weights."""
+    if row_map is None:
+        return {"alpha": alpha}
+    return {"row_map": row_map, "row_parameters": dict(parameters.items()), "row_options": options}
 
 
 def learnable_alpha(alpha: float, n_heads: int) -> nn.Parameter:
