@@ -314,6 +314,64 @@ def test_a_table_whose_rows_have_different_seeds_names_each_row_s_count():
     assert "| asentmax |" in results.table(_record())
 
 
+def test_a_figure_whose_variants_have_different_seeds_says_so_and_names_each_count(tmp_path, monkeypatch):
+    record = _record()
+    record["results"] = [r for r in record["results"] if r["variant"] != "softmax" or r["seed"] == 0]
+    note = results.sample_note(record, "exact_match")
+    assert note.startswith("mean of 1-2 seeds per variant (of 0, 1; each variant's count beside its name)")
+    assert results.variant_names(record, "exact_match") == {
+        "softmax": "softmax (1 seed)",
+        "asentmax": "asentmax (2 seeds)",
+    }
+    import matplotlib.axes
+
+    labels = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "plot",
+        lambda self, *a, **k: labels.append(k.get("label")) or original(self, *a, **k),
+    )
+    results.plot(record, tmp_path / "p.png")
+    assert labels == ["softmax (1 seed)", "asentmax (2 seeds)"]
+
+
+def _split(record):
+    """The record's softmax rows and its asentmax rows as two records of the same experiment."""
+    parts = []
+    for variant in ("softmax", "asentmax"):
+        part = {**record, "results": [r for r in record["results"] if r["variant"] == variant]}
+        parts.append(part)
+    return parts
+
+
+def test_merged_sweeps_are_the_sweep_they_were_split_from():
+    record = _record()
+    assert results.merge(_split(record), ["a", "b"]) == record
+
+
+def test_merge_refuses_other_experiments_and_cells_held_twice():
+    first, second = _split(_record())
+    other = {**second, "task_options": {"vocab": 32}}
+    with pytest.raises(ValueError, match=r"cannot merge b with a: task_options differs \(\{'vocab': 32\}"):
+        results.merge([first, other], ["a", "b"])
+    with pytest.raises(ValueError, match="cannot merge c with a: both hold variant softmax seed 0 length 16"):
+        results.merge([first, second, first], ["a", "b", "c"])
+
+
+def test_cli_report_merge_writes_one_record_and_one_report(tmp_path, capsys):
+    paths = []
+    for name, part in zip(("one", "two"), _split(_record()), strict=True):
+        paths.append(str(results.write(part, tmp_path / name / "results.json")))
+    out = tmp_path / "merged"
+    assert main(["report", *paths, "--merge", "--out", str(out)]) == 0
+    assert results.load(out / "results.json") == _record()
+    table = (out / "table.md").read_text()
+    assert "| softmax |" in table and "| asentmax |" in table
+    assert main(["report", *paths, "--merge"]) == 2
+    assert "sparsa report: --merge needs --out" in capsys.readouterr().err
+
+
 def test_figures_and_tables_say_how_many_seeds_and_examples_each_point_is(tmp_path):
     record = _record()
     assert results.training_lengths(record) == (8, 16)

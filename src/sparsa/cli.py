@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: beside each results file); with several results files, "
         "each gets a subfolder named after the folder that holds it",
     )
+    report.add_argument(
+        "--merge",
+        action="store_true",
+        help="one report of several results files of the same experiment (sweeps run apart); "
+        "also writes the merged results.json to --out",
+    )
     report.set_defaults(run=_report)
 
     tasks = commands.add_parser("tasks", help="list the tasks or export examples to a JSONL file")
@@ -270,11 +276,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .experiments.results import load, report, table
+    from .experiments.results import load, merge, report, table, write
 
     paths = [Path(p) for p in args.results]
-    for path, folder in zip(paths, _report_folders(paths, args.out), strict=True):
-        record = load(path)
+    if args.merge:
+        if args.out is None:
+            raise ValueError("--merge needs --out, the folder for the merged results and report")
+        merged = merge([load(p) for p in paths], [str(p) for p in paths])
+        print(f"wrote {write(merged, Path(args.out) / 'results.json')}")
+        reports = [(merged, Path(args.out))]
+    else:
+        reports = [(load(p), f) for p, f in zip(paths, _report_folders(paths, args.out), strict=True)]
+    for record, folder in reports:
         written = report(record, folder)
         print(table(record))
         print("wrote " + ", ".join(str(p) for p in written))

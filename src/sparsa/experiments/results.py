@@ -92,6 +92,40 @@ def load(path: str | Path) -> dict:
     return record
 
 
+EXPERIMENT_KEYS = ("task", "task_options", "train_length", "min_train_length", "preset", "corpus")
+"""What makes two records the same experiment: rows of records that agree on these can stand side by side."""
+
+
+def merge(records: list[dict], names: list[str]) -> dict:
+    """One record from sweeps of one experiment run apart (other processes, machines or sessions).
+
+    ``names`` (one per record, e.g. its path) go into the errors: records
+    that differ in an ``EXPERIMENT_KEYS`` field, or that both hold a
+    (variant, seed, length), are refused rather than mixed.
+    """
+    first, first_name = records[0], names[0]
+    merged = {key: first[key] for key in EXPERIMENT_KEYS if key in first}
+    merged["results"] = []
+    owner = {}
+    for record, name in zip(records, names, strict=True):
+        for key in EXPERIMENT_KEYS:
+            if record.get(key) != first.get(key):
+                raise ValueError(
+                    f"cannot merge {name} with {first_name}: {key} differs "
+                    f"({record.get(key)!r} against {first.get(key)!r})"
+                )
+        for row in record["results"]:
+            cell = (row["variant"], row["seed"], row["length"])
+            if cell in owner:
+                raise ValueError(
+                    f"cannot merge {name} with {owner[cell]}: both hold variant {cell[0]} seed {cell[1]} "
+                    f"length {cell[2]}"
+                )
+            owner[cell] = name
+            merged["results"].append(row)
+    return merged
+
+
 def _means(record: dict, metric: str) -> tuple[list[str], list[int], dict]:
     values = defaultdict(list)
     variants, lengths = [], []
@@ -107,6 +141,26 @@ def _means(record: dict, metric: str) -> tuple[list[str], list[int], dict]:
     return variants, sorted(lengths), means
 
 
+def seeds_by_variant(record: dict, metric: str) -> dict[str, list[int]]:
+    seeds = defaultdict(set)
+    for row in record["results"]:
+        if metric in row:
+            seeds[row["variant"]].add(row["seed"])
+    return {variant: sorted(s) for variant, s in seeds.items()}
+
+
+def uneven_seeds(record: dict, metric: str) -> bool:
+    return len({tuple(s) for s in seeds_by_variant(record, metric).values()}) > 1
+
+
+def variant_names(record: dict, metric: str) -> dict[str, str]:
+    """Each variant's name in a table or legend, with its seed count if the variants' seeds differ."""
+    seeds = seeds_by_variant(record, metric)
+    if not uneven_seeds(record, metric):
+        return {variant: variant for variant in seeds}
+    return {v: f"{v} ({len(s)} seed{'s' if len(s) != 1 else ''})" for v, s in seeds.items()}
+
+
 def table(record: dict, metric: str = "exact_match") -> str:
     """Variants x lengths, the mean over seeds; the header gives each length as a multiple of training."""
     variants, lengths, means = _means(record, metric)
@@ -114,16 +168,10 @@ def table(record: dict, metric: str = "exact_match") -> str:
     header = "| variant | " + " | ".join(f"{n} ({n / train:g}x)" for n in lengths) + " |"
     lines = [header, "|---" * (len(lengths) + 1) + "|"]
     digits = 1 if metric in ("exact_match", "token_accuracy") or metric in LOG_SCALE_METRICS else 3
-    seeds = {
-        v: sorted({r["seed"] for r in record["results"] if r["variant"] == v and metric in r})
-        for v in variants
-    }
-    uneven = len({tuple(s) for s in seeds.values()}) > 1
+    names = variant_names(record, metric)
     for variant in variants:
         cells = [f"{means[variant, n]:.{digits}f}" if (variant, n) in means else "" for n in lengths]
-        count = len(seeds[variant])
-        name = f"{variant} ({count} seed{'s' if count != 1 else ''})" if uneven else variant
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {names[variant]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{metric_name(record, metric)}: {sample_note(record, metric)}.\n"
 
 
@@ -169,6 +217,13 @@ def sample_note(record: dict, metric: str) -> str:
     examples = "/".join(str(c) for c in counts) or "?"
     seed_text = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
     mean = "mean of " if len(seeds) > 1 else ""
+    if uneven_seeds(record, metric):
+        seed_counts = sorted({len(s) for s in seeds_by_variant(record, metric).values()})
+        seed_text = (
+            f"{seed_counts[0]}-{seed_counts[-1]} seeds per variant (of {', '.join(map(str, seeds))}; "
+            "each variant's count beside its name)"
+        )
+        mean = "mean of "
     return f"{mean}{seed_text}, {examples} {what} per length and seed"
 
 
@@ -185,7 +240,9 @@ def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
     import matplotlib.pyplot as plt
 
     variants, lengths, means = _means(record, metric)
-    figure, axes = plt.subplots(figsize=(8.0, 4.4))
+    names = variant_names(record, metric)
+    # The legend sits beside the axes; past about a dozen entries the figure grows to hold it.
+    figure, axes = plt.subplots(figsize=(8.0, max(4.4, 1.2 + 0.25 * (len(variants) + 2))))
     for index, variant in enumerate(variants):
         xs = [n for n in lengths if (variant, n) in means]
         (line,) = axes.plot(
@@ -194,7 +251,7 @@ def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
             marker=MARKERS[index % len(MARKERS)],
             linestyle=LINE_STYLES[index % len(LINE_STYLES)],
             markerfacecolor="none" if index % 2 else None,
-            label=variant,
+            label=names[variant],
         )
         seeds = [row for row in record["results"] if row["variant"] == variant and metric in row]
         axes.scatter(
