@@ -21,7 +21,14 @@ from sparsa.experiments import results
 from sparsa.experiments.data import training_batch
 from sparsa.experiments.evaluate import decoded_correctly, evaluate, observing
 from sparsa.experiments.options import resumed_config, run_config
-from sparsa.experiments.train import CHECKPOINT, RunConfig, TrainingInterrupted, learning_rate, train
+from sparsa.experiments.train import (
+    CHECKPOINT,
+    MODEL_DIR,
+    RunConfig,
+    TrainingInterrupted,
+    learning_rate,
+    train,
+)
 from sparsa.experiments.variants import RELATED_VARIANTS
 from sparsa.models import Transformer
 from sparsa.tasks import IGNORE, make_task
@@ -430,6 +437,14 @@ SMALL_RUN = ["--task-option", "vocab=6", "--d-model", "16", "--n-layers", "1", "
              "--device", "cpu"]  # fmt: skip
 
 
+def test_a_row_option_reaches_the_trained_model(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", *SMALL_RUN, "--steps", "1", "--variant", "stick-breaking", "--row-option", "current=0"]
+    assert main([*argv, "--out", str(run)]) == 0
+    model = Transformer.from_pretrained(run / MODEL_DIR)
+    assert model.config.row_map == "stick-breaking" and model.config.row_options == {"current": 0.0}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
@@ -458,6 +473,15 @@ def finished_run(tmp_path_factory):
         (["report", "{run}/run.json"], "not a sparsa sweep result"),
         (["train", "--out", "{run}", "--resume", "--lr", "0.5"], "differ from the run's: ['lr']"),
         (["eval", "{run}", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["train", "--out", "x", "--variant", "topk-softmax", "--row-option", "k=abc"],
+         "--row-option k takes a number, got 'abc'"),
+        (["train", "--out", "x", "--variant", "topk-softmax", "--row-option", "k=0"],
+         "option k must be a whole number of keys >= 1, got 0.0"),
+        (["train", "--out", "x", "--variant", "topk-softmax", "--row-option", "tau=1"],
+         "takes options ['k']"),
+        (["train", "--out", "x", "--variant", "stick-breaking", "--row-option", "current=2"],
+         "option current must be 0 or 1"),
+        (["train", "--out", "x", "--variant", "softmax", "--row-option", "k=2"], "need a row_map"),
     ],
 )  # fmt: skip
 def test_cli_errors_are_one_line_that_names_the_problem(argv, message, finished_run, capsys, tmp_path):

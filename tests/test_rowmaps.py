@@ -178,6 +178,17 @@ def test_stick_breaking_gives_the_nearest_key_first_claim_and_drops_the_rest():
     )
 
 
+def test_stick_breaking_without_the_current_token_breaks_the_stick_over_the_earlier_keys():
+    scores = _masked_scores()
+    weights = get_row_map("stick-breaking")(scores, current=0)
+    expected = _by_row(lambda row, values: [*_stick(row[:-1], values), 0.0])(scores, {})
+    torch.testing.assert_close(weights, expected)
+    one_key = torch.tensor([[[[0.5, -INF]]]], dtype=torch.float64)
+    assert get_row_map("stick-breaking")(one_key, current=0).abs().sum() == 0
+    with pytest.raises(ValueError, match=r"option current must be 0 or 1, got 0\.5"):
+        get_row_map("stick-breaking")(scores, current=0.5)
+
+
 def test_bad_row_map_arguments_are_named():
     scores = torch.zeros(1, HEADS, 2, 2)
     with pytest.raises(ValueError, match="unknown row map 'nosuch'"):
@@ -227,10 +238,21 @@ def test_blocked_row_map_attention_equals_the_reference_with_gradients(name, mon
 
 def test_row_map_attention_of_one_query_equals_the_last_row_of_the_full_one():
     q, k, v = _qkv()
-    for name in ("stick-breaking", "sigmoid", "elastic-softmax"):
-        full = sparsa.attention(q, k, v, is_causal=True, row_map=name)
-        last = sparsa.attention(q[:, :, -1:], k, v, is_causal=True, row_map=name)
-        torch.testing.assert_close(last, full[:, :, -1:], atol=1e-12, rtol=0)
+    for name, options in (
+        ("stick-breaking", {}),
+        ("stick-breaking", {"current": 0}),
+        ("sigmoid", {}),
+        ("elastic-softmax", {}),
+    ):
+        for backend in ("reference", "blocked"):
+            run = {"is_causal": True, "row_map": name, "row_options": options, "backend": backend}
+            full = sparsa.attention(q, k, v, **run)
+            last = sparsa.attention(q[:, :, -1:], k, v, **run)
+            torch.testing.assert_close(last, full[:, :, -1:], atol=1e-12, rtol=0)
+    without_current = sparsa.attention(
+        q, k, v, is_causal=True, row_map="stick-breaking", row_options={"current": 0}
+    )
+    assert without_current[:, :, 0].abs().sum() == 0
 
 
 def test_row_map_attention_refuses_what_it_cannot_compute():

@@ -96,6 +96,14 @@ def add_run_options(parser: argparse.ArgumentParser, *, variant: bool = True) ->
         )
     model.add_argument("--alpha", type=float, default=None, help="entmax alpha, overriding the variant's")
     model.add_argument("--scaling", choices=[*SCALINGS, "none"], default=None, help="overrides the variant's")
+    model.add_argument(
+        "--row-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="an option of the variant's row map, e.g. --row-option k=16 for topk-softmax (repeatable; "
+        "see docs/mathematics.md, section 7)",
+    )
     training = parser.add_argument_group("training (override the preset)")
     for name, (kind, text) in TRAIN_OPTIONS.items():
         training.add_argument(
@@ -105,14 +113,25 @@ def add_run_options(parser: argparse.ArgumentParser, *, variant: bool = True) ->
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def parse_task_options(pairs: list[str] | None) -> dict[str, str]:
+def parse_task_options(pairs: list[str] | None, flag: str = "--task-option") -> dict[str, str]:
     """KEY=VALUE pairs as text; the task casts each value to its parameter's type."""
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"--task-option takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
         options[key] = value
+    return options
+
+
+def parse_row_options(pairs: list[str]) -> dict[str, float]:
+    """KEY=VALUE pairs of a row map's options; every row map option is a number."""
+    options = {}
+    for key, value in parse_task_options(pairs, "--row-option").items():
+        try:
+            options[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--row-option {key} takes a number, got {value!r}") from None
     return options
 
 
@@ -162,6 +181,8 @@ def _model_options(args: argparse.Namespace) -> dict:
         model["alpha"] = args.alpha
     if args.scaling is not None:
         model["scaling"] = None if args.scaling == "none" else args.scaling
+    if args.row_option is not None:
+        model["row_options"] = parse_row_options(args.row_option)
     return model
 
 

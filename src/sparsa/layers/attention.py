@@ -242,7 +242,7 @@ def row_map_parameters(
     if learn_alpha:
         raise ValueError(f"learn_alpha learns entmax's alpha; row map {row_map!r} has none")
     chosen = get_row_map(row_map)
-    chosen.arguments(n_heads, None, options, torch.empty(0))
+    chosen.check(n_heads, options)
     for name, start in chosen.parameters.items():
         parameters[name] = nn.Parameter(torch.full((n_heads,), float(start)))
     return parameters

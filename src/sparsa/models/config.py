@@ -6,8 +6,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from ..attention import BACKENDS
 from ..layers.attention import GATES, SCALED_HEADS
 from ..layers.positions import SLOPE_SCHEMES, PositionScheme
@@ -81,7 +79,9 @@ class TransformerConfig:
         if self.backend not in (*BACKENDS, "auto"):
             raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {self.backend!r}")
         if self.row_map is not None:
-            get_row_map(self.row_map).arguments(self.n_heads, None, self.row_options, torch.empty(0))
+            get_row_map(self.row_map).check(self.n_heads, self.row_options)
+        elif self.row_options:
+            raise ValueError(f"row_options {self.row_options} need a row_map (a variant with one)")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
 

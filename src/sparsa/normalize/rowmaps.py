@@ -50,18 +50,27 @@ def _heads(parameter: Tensor, scores: Tensor) -> Tensor:
 
 def topk_softmax(scores: Tensor, *, k: float) -> Tensor:
     """softmax over the k largest visible scores of each row (all tied at the k-th kept), zeros elsewhere."""
+    if k != int(k) or k < 1:
+        raise ValueError(f"row map 'topk-softmax': option k must be a whole number of keys >= 1, got {k!r}")
     kept = min(int(k), scores.shape[-1])
     kth = scores.detach().topk(kept, dim=-1).values[..., -1:]
     return _safe_softmax(scores.masked_fill(scores < kth, -math.inf))
 
 
-def stick_breaking(scores: Tensor) -> Tensor:
+def stick_breaking(scores: Tensor, *, current: float) -> Tensor:
     """A_ij = sigmoid(z_ij) prod_{j<l} (1 - sigmoid(z_il)) over the visible keys after j, in log space.
 
     Keys are in causal order, the nearest last, so the nearest key breaks the
     stick first. The mass left on the stick is dropped: rows sum to at most 1.
+    ``current`` 1 attends to the query's own token, the last visible key of
+    its row; 0 hides it, so the first token's row is empty.
     """
+    if current not in (0, 1):
+        raise ValueError(f"row map 'stick-breaking': option current must be 0 or 1, got {current!r}")
     visible = _visible(scores)
+    if not current:
+        last = visible & (visible.cumsum(-1) == visible.sum(-1, keepdim=True))
+        visible = visible & ~last
     finite = torch.where(visible, scores, torch.zeros_like(scores))
     keep_log = torch.where(visible, F.logsigmoid(-finite), torch.zeros_like(scores))
     after = keep_log.flip(-1).cumsum(-1).flip(-1) - keep_log
@@ -111,6 +120,8 @@ def normalized_attention(scores: Tensor, *, gain: Tensor, bias: Tensor) -> Tenso
 
 def alpha_relu(scores: Tensor, *, alpha: float, tau: float) -> Tensor:
     """[(alpha - 1) z - tau]_+ ^ (1 / (alpha - 1)), not normalised."""
+    if not alpha > 1:
+        raise ValueError(f"row map 'alpha-relu': option alpha must be above 1, got {alpha!r}")
     base = (alpha - 1) * scores - tau
     positive = base > 0
     safe = torch.where(positive, base, torch.ones_like(base))
@@ -153,6 +164,10 @@ class RowMap:
 
     def __call__(self, scores: Tensor, parameters: dict[str, Tensor] | None = None, **options) -> Tensor:
         return self.function(scores, **self.arguments(scores.shape[1], parameters, options, scores))
+
+    def check(self, heads: int, options: dict) -> None:
+        """Refuse, with the option named, options this map does not take or cannot use."""
+        self(torch.zeros(1, heads, 1, 1), None, **options)
 
     def arguments(self, heads: int, parameters, options, like: Tensor) -> dict:
         """The keyword arguments of the function: the given parameters and options, defaults for the rest."""
@@ -199,7 +214,13 @@ register_row_map(
     )
 )
 register_row_map(
-    RowMap("stick-breaking", "stick-breaking attention (leftover dropped)", stick_breaking, causal=True)
+    RowMap(
+        "stick-breaking",
+        "stick-breaking attention (leftover dropped)",
+        stick_breaking,
+        options={"current": 1},
+        causal=True,
+    )
 )
 register_row_map(
     RowMap(
