@@ -428,6 +428,34 @@ def test_the_fine_tuning_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model" / "config.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("scaling", "options"), [("log-n", {"train_length": 4}), ("position-temperature", {})]
+)
+def test_the_related_work_s_query_scalings_generate_what_full_forwards_give_and_reload(
+    scaling, options, tmp_path
+):
+    torch.manual_seed(8)
+    model = sparsify(_tiny("llama"), 1.0, scaling=scaling, scaling_options=options)
+    _perturb_sparsa_parameters(model)
+    ids, mask = _left_padded_batch()
+    generated = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    torch.testing.assert_close(generated, _greedy_by_full_forwards(model, ids, mask, 6))
+    with torch.no_grad():
+        plain = sparsify(_tiny("llama"), 1.0)
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert not torch.allclose(
+            plain(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+
+
 @pytest.mark.parametrize("row_map", ["stick-breaking", "elastic-softmax", "softpick"])
 def test_a_row_map_generates_with_the_cache_what_full_forwards_give_and_reloads(row_map, tmp_path):
     torch.manual_seed(9)

@@ -399,8 +399,10 @@ def sparsify(
         model: a loaded ``PreTrainedModel`` whose attention modules use
             ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma, ...).
         alpha: entmax alpha >= 1 (1.0 = softmax, 1.5, 2.0 = sparsemax).
-        scaling: None, "ssmax", "asentmax", "asentmax-static", "temperature"
-            or "learned-temperature"; added as new parameters initialised
+        scaling: None, "ssmax", "asentmax", "asentmax-static", "temperature",
+            "learned-temperature", "log-n" (``scaling_options={"train_length":
+            L}``, the context the model was trained on) or
+            "position-temperature"; added as new parameters initialised
             so the converted model starts close to the original (ASEntmax:
             scale 1 + 0.1 for every query; SSMax: s = 1, i.e. log(n + 1)).
         heads: "all" or the indices of the heads to scale.
