@@ -248,6 +248,26 @@ def test_gradcheck_through_scaling_and_positions_fp64():
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scaling": "position-temperature", "gate": "head"},
+        {"scaling": "log-n", "scaling_options": {"train_length": 3}, "gate": "element"},
+        {"row_map": "elastic-softmax", "scaling": "position-temperature"},
+    ],
+)
+def test_gradcheck_of_the_related_work_s_scalings_gates_and_row_maps_over_every_parameter_fp64(kwargs):
+    layer = SparseAttention(8, 2, alpha=1.0, positions="nape", **kwargs).double()
+    _randomize(layer)
+    x = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    names, values = zip(*layer.named_parameters(), strict=True)
+
+    def output(x, *parameters):
+        return torch.func.functional_call(layer, dict(zip(names, parameters, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(output, (x, *(v.detach().requires_grad_() for v in values)))
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"positions": "yarn"}, "positions"),
