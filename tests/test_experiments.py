@@ -27,6 +27,7 @@ from sparsa.experiments.train import (
     RunConfig,
     TrainingInterrupted,
     learning_rate,
+    recipe,
     train,
 )
 from sparsa.experiments.variants import RELATED_VARIANTS
@@ -558,6 +559,40 @@ def test_a_stopped_sweep_continues_with_the_same_command(tmp_path, capsys, monke
     assert main(argv) == 0
     record = results.load(tmp_path / "sweep" / "copy" / "results.json")
     assert [(r["variant"], r["length"]) for r in record["results"]] == [("entmax", 4)]
+
+
+def test_a_sweep_refuses_a_folder_made_with_other_settings_and_its_record_refuses_to_merge(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep",
+        *SMALL_RUN,
+        "--variants",
+        "entmax",
+        "--lengths",
+        "4",
+        "--examples",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--steps", "2"]) == 0
+    record = results.load(out / "copy" / "results.json")
+    saved = RunConfig.load(out / "copy" / "runs" / "entmax-seed0")
+    assert record["recipe"] == recipe(saved) and record["recipe"]["steps"] == 2
+    capsys.readouterr()
+    assert main([*argv, "--steps", "3"]) == 2
+    refused = "was made with other settings than this sweep's"
+    assert (
+        f"sparsa sweep: {out / 'copy' / 'results.json'} {refused} (steps differ)" in capsys.readouterr().err
+    )
+    (out / "copy" / "results.json").unlink()
+    assert main([*argv, "--steps", "3", "--lr", "0.01"]) == 2
+    assert f"{out / 'copy' / 'runs' / 'entmax-seed0'} {refused} (lr, steps differ)" in capsys.readouterr().err
+    other = {**record, "recipe": {**record["recipe"], "lr": 0.5}}
+    with pytest.raises(ValueError, match=r"cannot merge b with a: its settings differ: lr$"):
+        results.merge([record, other], ["a", "b"])
+    with pytest.raises(ValueError, match="cannot merge b with a: recipe differs"):
+        results.merge([record, {**record, "recipe": None}], ["a", "b"])
 
 
 def test_a_failed_export_leaves_no_file_behind(tmp_path, monkeypatch, capsys):

@@ -92,8 +92,15 @@ def load(path: str | Path) -> dict:
     return record
 
 
-EXPERIMENT_KEYS = ("task", "task_options", "train_length", "min_train_length", "preset", "corpus")
-"""What makes two records the same experiment: rows of records that agree on these can stand side by side."""
+EXPERIMENT_KEYS = ("task", "task_options", "train_length", "min_train_length", "preset", "corpus", "recipe")
+"""What makes two records the same experiment: rows of records that agree on these can stand side by side.
+
+``recipe`` (written by sweeps) is every training and model setting the runs share (train.recipe).
+"""
+
+
+def differing_fields(first: dict, second: dict) -> list[str]:
+    return [k for k in sorted(set(first) | set(second)) if first.get(k) != second.get(k)]
 
 
 def merge(records: list[dict], names: list[str]) -> dict:
@@ -109,11 +116,13 @@ def merge(records: list[dict], names: list[str]) -> dict:
     owner = {}
     for record, name in zip(records, names, strict=True):
         for key in EXPERIMENT_KEYS:
-            if record.get(key) != first.get(key):
-                raise ValueError(
-                    f"cannot merge {name} with {first_name}: {key} differs "
-                    f"({record.get(key)!r} against {first.get(key)!r})"
-                )
+            if record.get(key) == first.get(key):
+                continue
+            if key == "recipe" and None not in (record.get(key), first.get(key)):
+                differs = f"its settings differ: {', '.join(differing_fields(record[key], first[key]))}"
+            else:
+                differs = f"{key} differs ({record.get(key)!r} against {first.get(key)!r})"
+            raise ValueError(f"cannot merge {name} with {first_name}: {differs}")
         for row in record["results"]:
             cell = (row["variant"], row["seed"], row["length"])
             if cell in owner:

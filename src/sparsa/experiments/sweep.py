@@ -11,7 +11,7 @@ from ..tasks import Task
 from . import results
 from .distributed import resolve_device
 from .evaluate import evaluate
-from .train import CHECKPOINT, MODEL_DIR, RunConfig, is_finished, train
+from .train import CHECKPOINT, MODEL_DIR, RUN_FILE, RunConfig, is_finished, recipe, train
 
 
 def default_lengths(train_length: int, factor: int = 64) -> list[int]:
@@ -40,7 +40,9 @@ def sweep(
 
     Resumable: finished runs are not retrained, interrupted ones continue from
     their checkpoint, and (variant, seed, length) entries already in
-    results.json are kept. Returns the sweep record.
+    results.json are kept. A folder whose results or runs were made with other
+    settings (``train.recipe``) is refused, so a sweep never mixes two
+    experiments or reuses a run trained another way. Returns the sweep record.
     """
     out = Path(out)
     lengths = lengths or default_lengths(base.max_length)
@@ -50,12 +52,15 @@ def sweep(
         record = results.new_record(
             base.task, base.task_options, base.max_length, preset, min_train_length=base.min_length
         )
+    _check_recipe(record.setdefault("recipe", recipe(base)), recipe(base), path)
     done = {(r["variant"], r["seed"], r["length"]) for r in record["results"]}
     main_process = int(os.environ.get("RANK", "0")) == 0
     for variant in variants:
         for seed in seeds:
             config = dataclasses.replace(base, variant=variant, seed=seed)
             run_dir = out / "runs" / f"{variant}-seed{seed}"
+            if (run_dir / RUN_FILE).exists():
+                _check_recipe(recipe(RunConfig.load(run_dir)), recipe(config), run_dir)
             if not is_finished(run_dir):
                 train(config, run_dir, resume=(run_dir / CHECKPOINT).exists(), device=device, quiet=quiet)
             if not main_process:
@@ -77,6 +82,16 @@ def sweep(
         results.write(record, path)
         results.report(record, out)
     return record
+
+
+def _check_recipe(saved: dict, wanted: dict, where: Path) -> None:
+    """A sweep continues its own experiment only: runs or results made with other settings are refused."""
+    changed = results.differing_fields(saved, wanted)
+    if changed:
+        raise ValueError(
+            f"{where} was made with other settings than this sweep's ({', '.join(changed)} differ); "
+            "sweep into a new --out, or extend single runs with sparsa train --resume"
+        )
 
 
 def evaluate_models(

@@ -178,6 +178,15 @@ def is_finished(out: str | Path) -> bool:
     return (out / RUN_FILE).exists() and trained_steps(out) >= RunConfig.load(out).steps
 
 
+NOT_RECIPE = ("variant", "seed", "checkpoint_every", "log_every")
+"""RunConfig fields that runs of one experiment may differ in: what is compared, and how often it reports."""
+
+
+def recipe(config: RunConfig) -> dict:
+    """The settings that every run of one experiment (a sweep, or sweeps merged) shares."""
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_RECIPE}
+
+
 def unresumable_changes(saved: RunConfig, config: RunConfig) -> list[str]:
     """The settings of ``config`` that differ from the run's ``saved`` ones and a resume may not change."""
     before = saved.to_dict()
