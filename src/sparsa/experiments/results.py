@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -252,11 +253,14 @@ def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
     names = variant_names(record, metric)
     # The legend sits beside the axes; past about a dozen entries the figure grows to hold it.
     figure, axes = plt.subplots(figsize=(8.0, max(4.4, 1.2 + 0.25 * (len(variants) + 2))))
+    # Past ten variants the default colours repeat; tab20's twenty keep every line its own colour.
+    colors = plt.get_cmap("tab20").colors if len(variants) > 10 else [None] * len(variants)
     for index, variant in enumerate(variants):
         xs = [n for n in lengths if (variant, n) in means]
         (line,) = axes.plot(
             xs,
             [means[variant, n] for n in xs],
+            color=colors[index % len(colors)],
             marker=MARKERS[index % len(MARKERS)],
             linestyle=LINE_STYLES[index % len(LINE_STYLES)],
             markerfacecolor="none" if index % 2 else None,
@@ -289,7 +293,7 @@ def plot(record: dict, path: str | Path, metric: str = "exact_match") -> Path:
     axes.set_xlabel(f"{unit}; log scale)")
     axes.set_ylabel(metric_name(record, metric))
     figure.suptitle(f"{record['task']}: {metric_name(record, metric)} against length", fontsize=11)
-    axes.set_title(sample_note(record, metric), fontsize=8.5, color="dimgrey")
+    axes.set_title(textwrap.fill(sample_note(record, metric), 90), fontsize=8.5, color="dimgrey")
     axes.grid(alpha=0.3, which="both")
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     figure.tight_layout()
@@ -369,7 +373,7 @@ def bits_by_position_plot(record: dict, path: str | Path) -> Path:
     axes.set_xlabel(f"position in a window of {longest} bytes (mean over buckets of {max(1, longest // 64)})")
     axes.set_ylabel("bits per byte")
     figure.suptitle(f"{record['task']}: loss by position", fontsize=11)
-    axes.set_title(sample_note(record, "bits_per_byte"), fontsize=8.5, color="dimgrey")
+    axes.set_title(textwrap.fill(sample_note(record, "bits_per_byte"), 90), fontsize=8.5, color="dimgrey")
     axes.grid(alpha=0.3, which="both")
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     figure.tight_layout()
