@@ -113,8 +113,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, variant: bool = True) ->
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def parse_task_options(pairs: list[str] | None, flag: str = "--task-option") -> dict[str, str]:
-    """KEY=VALUE pairs as text; the task casts each value to its parameter's type."""
+def parse_key_values(pairs: list[str] | None, flag: str) -> dict[str, str]:
+    """KEY=VALUE pairs of a repeatable option ``flag``, as text."""
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -124,10 +124,15 @@ def parse_task_options(pairs: list[str] | None, flag: str = "--task-option") -> 
     return options
 
 
+def parse_task_options(pairs: list[str] | None) -> dict[str, str]:
+    """--task-option pairs as text; the task casts each value to its parameter's type."""
+    return parse_key_values(pairs, "--task-option")
+
+
 def parse_row_options(pairs: list[str]) -> dict[str, float]:
     """KEY=VALUE pairs of a row map's options; every row map option is a number."""
     options = {}
-    for key, value in parse_task_options(pairs, "--row-option").items():
+    for key, value in parse_key_values(pairs, "--row-option").items():
         try:
             options[key] = float(value)
         except ValueError:
