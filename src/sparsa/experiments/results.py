@@ -159,14 +159,15 @@ def seeds_by_variant(record: dict, metric: str) -> dict[str, list[int]]:
     return {variant: sorted(s) for variant, s in seeds.items()}
 
 
-def uneven_seeds(record: dict, metric: str) -> bool:
-    return len({tuple(s) for s in seeds_by_variant(record, metric).values()}) > 1
+def uneven(seeds: dict[str, list[int]]) -> bool:
+    """Whether the variants of a ``seeds_by_variant`` mapping have different seeds."""
+    return len({tuple(s) for s in seeds.values()}) > 1
 
 
 def variant_names(record: dict, metric: str) -> dict[str, str]:
     """Each variant's name in a table or legend, with its seed count if the variants' seeds differ."""
     seeds = seeds_by_variant(record, metric)
-    if not uneven_seeds(record, metric):
+    if not uneven(seeds):
         return {variant: variant for variant in seeds}
     return {v: f"{v} ({len(s)} seed{'s' if len(s) != 1 else ''})" for v, s in seeds.items()}
 
@@ -227,8 +228,9 @@ def sample_note(record: dict, metric: str) -> str:
     examples = "/".join(str(c) for c in counts) or "?"
     seed_text = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
     mean = "mean of " if len(seeds) > 1 else ""
-    if uneven_seeds(record, metric):
-        seed_counts = sorted({len(s) for s in seeds_by_variant(record, metric).values()})
+    per_variant = seeds_by_variant(record, metric)
+    if uneven(per_variant):
+        seed_counts = sorted({len(s) for s in per_variant.values()})
         seed_text = (
             f"{seed_counts[0]}-{seed_counts[-1]} seeds per variant (of {', '.join(map(str, seeds))}; "
             "each variant's count beside its name)"

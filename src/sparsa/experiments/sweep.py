@@ -52,7 +52,8 @@ def sweep(
         record = results.new_record(
             base.task, base.task_options, base.max_length, preset, min_train_length=base.min_length
         )
-    _check_recipe(record.setdefault("recipe", recipe(base)), recipe(base), path)
+    wanted = recipe(base)
+    _check_recipe(record.setdefault("recipe", wanted), wanted, path)
     done = {(r["variant"], r["seed"], r["length"]) for r in record["results"]}
     main_process = int(os.environ.get("RANK", "0")) == 0
     for variant in variants:
@@ -60,7 +61,7 @@ def sweep(
             config = dataclasses.replace(base, variant=variant, seed=seed)
             run_dir = out / "runs" / f"{variant}-seed{seed}"
             if (run_dir / RUN_FILE).exists():
-                _check_recipe(recipe(RunConfig.load(run_dir)), recipe(config), run_dir)
+                _check_recipe(recipe(RunConfig.load(run_dir)), wanted, run_dir)
             if not is_finished(run_dir):
                 train(config, run_dir, resume=(run_dir / CHECKPOINT).exists(), device=device, quiet=quiet)
             if not main_process:
