@@ -30,6 +30,7 @@ from torch import Tensor
 from ..normalize import entmax
 from .api import _check_alpha, _check_scale, attention
 from .masks import KeyPadding
+from .sketch_kernels import calibration, integer_dots
 from .stats import thresholds_of
 
 FIRST_GROUP_PAGES = 8
@@ -245,7 +246,8 @@ class DecodeStats:
     densely counts its keys once, and the int8 sketch of a KV head counts once); dense: the rows
     decoded by the dense path (their support_pages is -1), for the KV heads where gathering
     pages would cost more than reading them all; sketched: the rows whose bounds the int8 key
-    sketch tightened.
+    sketch tightened; sketch_kernel: the exact int8 product the sketch used (chosen by
+    measurement, see ``sparsa.attention.sketch_kernels``), None when no row was sketched.
     """
 
     pages_read: Tensor
@@ -258,6 +260,7 @@ class DecodeStats:
     bytes_read: int
     dense: Tensor
     sketched: Tensor
+    sketch_kernel: str | None
 
 
 def decode(
@@ -422,7 +425,7 @@ class _Rows:
                 -SKETCH_LEVELS, SKETCH_LEVELS
             )
             codes = cache.key_codes[row, kv_head, :pages].view(-1, cache.head_dim)
-            dots = _integer_dots(codes, torch.cat([high, low]).to(torch.int8))
+            dots = integer_dots(codes, torch.cat([high, low]).to(torch.int8))
             # 254 (u . c) + w . c and 254 ||c||_1 / 508 in one integer-valued sum per key: (N, rows).
             dots = dots[:, : len(q)] * (2 * SKETCH_LEVELS) + dots[:, len(q) :]
             norms = cache.key_code_norm[row, kv_head, :pages].reshape(-1, 1)
@@ -447,6 +450,9 @@ class _Rows:
         one pass over its keys for all of its query rows costs less than gathering them per row.
         """
         if int(self.visible_pages.max()) * self.cache.page_size < dense_below:
+            return self._dense_plan()
+        if max_dropped_mass == 0 and bool((self.alpha == 1).all()):
+            # No softmax weight is zero: every page is read, and bounds would only add their cost.
             return self._dense_plan()
         self.bounds = self._page_bounds()
         tau, first_support = self._threshold_of_best()
@@ -539,18 +545,14 @@ class _Rows:
             bytes_read=bytes_read,
             dense=self._view(dense_rows),
             sketched=self._view(self.sketched),
+            sketch_kernel=calibration(cache.device, cache.head_dim).kernel
+            if bool(self.sketched.any())
+            else None,
         )
         return out, stats
 
     def _view(self, x: Tensor) -> Tensor:
         return x.view(self.shape)
-
-
-def _integer_dots(codes: Tensor, query_codes: Tensor) -> Tensor:
-    """codes (N, D) int8 times query_codes (R, D) int8 -> (N, R), exact (|sum| < 2^24 for D <= 1024)."""
-    if codes.device.type == "cpu" and hasattr(torch, "_int_mm"):
-        return torch._int_mm(codes, query_codes.T.contiguous())
-    return codes.float() @ query_codes.float().T
 
 
 def _mass_bound(bound: Tensor, tau: Tensor, alpha: Tensor) -> Tensor:

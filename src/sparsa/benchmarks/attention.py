@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 import sparsa
 
-from .timing import markdown, ratio
+from .timing import machine, markdown, ratio
 
 FULL_LENGTHS = (1024, 4096, 16384, 65536)
 QUICK_LENGTHS = (256,)
@@ -141,10 +140,7 @@ def run(
     rows = []
     result = {
         "benchmark": "attention",
-        "sparsa_version": sparsa.__version__,
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        **machine(),
         "batch": 1,
         "heads": HEADS,
         "head_dim": HEAD_DIM,

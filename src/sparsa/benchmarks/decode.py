@@ -13,8 +13,12 @@ context length, batch size and dtype it times, on the same cache:
 
 Caches: "synthetic" mimics trained heads (NAPE: half the query heads ALiBi
 with slopes 1, 1/2, ..., 1/16, whose weight stays local; the other half NoPE
-content heads whose query matches two earlier keys); "gaussian" is q, k, v ~
-N(0, 1) without position bias, where most keys are in the support. The
+content heads whose query matches two earlier keys); "structured" has no
+position bias and gives each query head a few keys of high score, while every
+key carries a large component orthogonal to its group's queries, as trained
+keys do: the per-page min/max bounds then rule out nothing and only the int8
+sketch can; "gaussian" is q, k, v ~ N(0, 1) without position bias, where most
+keys are in the support. The
 ``model`` rows decode the shipped ASEntmax demo model's own queries and keys
 (D = 16, 2051 tokens: too short to time, they say what the page bounds
 certify on each head type).
@@ -24,24 +28,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 import sparsa
-from sparsa.attention import PagedKVCache, decode
+from sparsa.attention import PagedKVCache, decode, sketch_kernels
 
-from .timing import markdown, measure, ratio
+from .timing import machine, machine_line, markdown, measure, ratio
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE, ALPHA = 32, 8, 128, 16, 1.5
 FULL_LENGTHS = (16384, 65536, 262144, 1048576)
 QUICK_LENGTHS = (2048,)
 LONGEST_BATCHED = 262144
 """Beyond this context only batch 1 runs (1M tokens of 4 rows would not fit in memory here)."""
-CACHES = ("synthetic", "gaussian")
+CACHES = ("synthetic", "structured", "gaussian")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATCHED_KEYS = 2
+STRUCTURED_KEYS = 4
+"""Keys of high score per query head in the structured cache."""
+ORTHOGONAL_SCALE = 3.0
+"""Standard deviation of the structured keys' component orthogonal to their group's queries."""
 
 
 def make_inputs(kind: str, batch: int, length: int, dtype: torch.dtype, seed: int = 0):
@@ -59,9 +66,31 @@ def make_inputs(kind: str, batch: int, length: int, dtype: torch.dtype, seed: in
             matched = torch.randint(0, length, (batch, MATCHED_KEYS), generator=generator)
             keys = k[torch.arange(batch)[:, None], head // group, matched]
             q[:, head, 0] = 3.0 * keys.mean(1) + 0.3 * q[:, head, 0]
+    elif kind == "structured":
+        k = _structured_keys(q, length, generator)
     elif kind != "gaussian":
         raise ValueError(f"cache kind must be one of {CACHES}, got {kind!r}")
     return q.to(dtype), k.to(dtype), v.to(dtype), slopes
+
+
+def _structured_keys(q: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Keys whose scores are low (N(0, 1/4)) but for STRUCTURED_KEYS per query head (score about
+    3 |q|^2 / sqrt(D)), each with a large component orthogonal to its group's queries."""
+    batch, heads = q.shape[0], q.shape[1]
+    group = heads // KV_HEADS
+    queries = q[:, :, 0].view(batch, KV_HEADS, group, HEAD_DIM)
+    basis = torch.linalg.qr(queries.transpose(-1, -2)).Q
+    wide = ORTHOGONAL_SCALE * torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=generator)
+    k = wide - (wide @ basis) @ basis.transpose(-1, -2)
+    # In-span part: 0.5 |q|/sqrt(D) N(0, 1) along each query's solve, so scores stay N(0, 1/4).
+    scores = 0.5 * torch.randn(batch, KV_HEADS, length, group, generator=generator)
+    k = k + scores @ torch.linalg.pinv(queries).transpose(-1, -2) * HEAD_DIM**0.5
+    for head in range(heads):
+        kv_head = head // group
+        matched = torch.randint(0, length, (batch, STRUCTURED_KEYS), generator=generator)
+        rows = torch.arange(batch)[:, None]
+        k[rows, kv_head, matched] += 3.0 * q[:, head, 0][:, None]
+    return k
 
 
 def _paged(k: torch.Tensor, v: torch.Tensor) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
@@ -121,6 +150,7 @@ def measure_case(kind: str, batch: int, length: int, dtype_name: str, repeats: i
         "support_pages": _support_share(stats),
         "bytes_read": stats.bytes_read / total_bytes,
         "dense_rows": float(stats.dense.float().mean()),
+        "sketch_kernel": stats.sketch_kernel,
         "max_abs_error": error,
     }
     return row
@@ -207,10 +237,7 @@ def _page_shares(q, k, options, positions: range):
 def run(lengths, batches, dtypes, caches, repeats: int = 3, seed: int = 0, progress=None) -> dict:
     result = {
         "benchmark": "decode",
-        "sparsa_version": sparsa.__version__,
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        **machine(),
         "heads": HEADS,
         "kv_heads": KV_HEADS,
         "head_dim": HEAD_DIM,
@@ -238,16 +265,18 @@ def _percent(value: float | None) -> str:
 def markdown_table(result: dict) -> str:
     headers = ["cache", "B", "N", "dtype", "SDPA ms", "dense ms", "paged ms", "floor ms", "paged / dense",
                "paged / floor", "pages read", "ALiBi heads", "NoPE heads", "support pages", "bytes read",
-               "max error"]  # fmt: skip
+               "sketch kernel", "max error"]  # fmt: skip
     rows = [
         [row["cache"], str(row["batch"]), str(row["length"]), row["dtype"], f"{row['sdpa_ms']:.1f}",
          f"{row['dense_ms']:.1f}", f"{row['paged_ms']:.1f}", f"{row['floor_ms']:.1f}",
          ratio(row["paged_vs_dense"]), ratio(row["paged_vs_floor"]), _percent(row["pages_read"]),
          _percent(row["pages_read_alibi_heads"]), _percent(row["pages_read_nope_heads"]),
-         _percent(row["support_pages"]), _percent(row["bytes_read"]), f"{row['max_abs_error']:.1e}"]
+         _percent(row["support_pages"]), _percent(row["bytes_read"]), row.get("sketch_kernel") or "",
+         f"{row['max_abs_error']:.1e}"]
         for row in result["rows"]
     ]  # fmt: skip
-    return markdown(headers, set(headers[1:3]) | set(headers[4:]), rows)
+    right = set(headers[1:3]) | set(headers[4:]) - {"sketch kernel"}
+    return markdown(headers, right, rows)
 
 
 def model_table(result: dict) -> str:
@@ -276,6 +305,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for decode.json")
 
 
+def _calibration_line() -> str:
+    found = sketch_kernels.calibration("cpu", HEAD_DIM)
+    times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in found.milliseconds.items())
+    rejected = f"; rejected as inexact: {', '.join(found.rejected)}" if found.rejected else ""
+    return f"{found.kernel} ({times}{rejected})"
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "decode.json"
@@ -296,7 +332,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     path.write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
-    print()
+    print(f"\nMachine: {machine_line(result)}; sketch kernel chosen by calibration: {_calibration_line()}.\n")
     print(model_table(result))
     print(f"wrote {path}")
     return 0

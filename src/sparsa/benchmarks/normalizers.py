@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 import sparsa
 
-from .timing import markdown, measure, ratio
+from .timing import machine, markdown, measure, ratio
 
 FULL_CASES = ((8192, 1024), (64, 65536))
 QUICK_CASES = ((256, 256), (4, 4096))
@@ -131,10 +130,7 @@ def run(quick: bool = False, repeats: int = 5, seed: int = 0) -> dict:
             )
     return {
         "benchmark": "normalizers",
-        "sparsa_version": sparsa.__version__,
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        **machine(),
         "compile_mode": sparsa.normalize.get_compile_mode(),
         "score_std": SCORE_STD,
         "repeats": repeats,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+import sparsa
 
 
 def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -34,3 +40,35 @@ def markdown(headers: list[str], right_aligned: set[str], rows: list[list[str]])
     lines.append("|" + "|".join("---:" if h in right_aligned else "---" for h in headers) + "|")
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
+
+
+def machine() -> dict:
+    """What a benchmark record says about the machine it ran on (every speed figure names it)."""
+    return {
+        "sparsa_version": sparsa.__version__,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def machine_line(record: dict) -> str:
+    """One line naming a record's machine, for under its tables."""
+    return (
+        f"{record.get('cpu') or record.get('machine')}, {record.get('cpu_capability', 'unknown ISA')}, "
+        f"{record['threads']} threads, torch {record['torch_version']}, sparsa {record['sparsa_version']}"
+    )
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
