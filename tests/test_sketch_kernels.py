@@ -25,7 +25,7 @@ def test_every_kernel_gives_the_exact_integers(name, dim):
     random_codes = torch.randint(-127, 128, (sketch_kernels.FLOAT_CHUNK + 5, dim), dtype=torch.int8)
     for keys in (codes, random_codes):
         got = sketch_kernels.KERNELS[name].product(keys, query_codes)
-        assert torch.equal(got.long(), keys.long() @ query_codes.long().T)
+        assert torch.equal(got.long(), query_codes.long() @ keys.long().T)
 
 
 def test_the_extreme_codes_reach_the_largest_sums():
@@ -44,7 +44,7 @@ def test_calibration_picks_an_exact_kernel_and_times_each():
 
 def test_calibration_rejects_a_kernel_that_saturates(monkeypatch):
     def saturating(codes, query_codes):
-        return (codes.float() @ query_codes.float().T).clamp(-(2**15), 2**15 - 1)
+        return (query_codes.float() @ codes.float().T).clamp(-(2**15), 2**15 - 1)
 
     broken = sketch_kernels.Kernel("saturating", saturating, lambda device, dim: True)
     monkeypatch.setitem(sketch_kernels.KERNELS, "saturating", broken)

@@ -426,11 +426,12 @@ class _Rows:
             )
             codes = cache.key_codes[row, kv_head, :pages].view(-1, cache.head_dim)
             dots = integer_dots(codes, torch.cat([high, low]).to(torch.int8))
-            # 254 (u . c) + w . c and 254 ||c||_1 / 508 in one integer-valued sum per key: (N, rows).
-            dots = dots[:, : len(q)] * (2 * SKETCH_LEVELS) + dots[:, len(q) :]
-            norms = cache.key_code_norm[row, kv_head, :pages].reshape(-1, 1)
-            keys = dots.float().add_(norms.float(), alpha=0.5 * margin)
-            largest = keys.view(pages, cache.page_size, len(q)).amax(1).T * (step / (2 * SKETCH_LEVELS))
+            # 254 (u . c) + w . c per key (rows, N), its largest per page; ||c||_1 by the page's largest:
+            # one pass over the products, and the norm term is 1/254 of the dots' scale.
+            dots = dots[len(q) :].add(dots[: len(q)], alpha=2 * SKETCH_LEVELS)
+            largest = dots.view(len(q), pages, cache.page_size).amax(-1).float()
+            norms = cache.key_code_norm[row, kv_head, :pages].amax(-1).float()
+            largest = largest.add_(norms, alpha=0.5 * margin).mul_(step / (2 * SKETCH_LEVELS))
             largest = largest + (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
             bounds[row, kv_head] = cache.key_scale[row, kv_head, :pages] * largest
         return bounds.view(-1, pages) * self.scale + self._page_bias(pages)

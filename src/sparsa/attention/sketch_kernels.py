@@ -41,7 +41,12 @@ ENVIRONMENT_VARIABLE = "SPARSA_SKETCH_KERNEL"
 
 
 def _int_mm(codes: Tensor, query_codes: Tensor) -> Tensor:
-    return torch._int_mm(codes, query_codes.T.contiguous())
+    return torch._int_mm(codes, query_codes.T.contiguous()).T
+
+
+def _int_mm_query_major(codes: Tensor, query_codes: Tensor) -> Tensor:
+    # The same product with the operands swapped: oneDNN picks another kernel (3x faster on AVX2 here).
+    return torch._int_mm(query_codes, codes.T)
 
 
 def _float_mm(codes: Tensor, query_codes: Tensor) -> Tensor:
@@ -49,7 +54,7 @@ def _float_mm(codes: Tensor, query_codes: Tensor) -> Tensor:
     out = torch.empty(codes.shape[0], query_codes.shape[0], device=codes.device)
     for start in range(0, codes.shape[0], FLOAT_CHUNK):
         torch.mm(codes[start : start + FLOAT_CHUNK].float(), queries, out=out[start : start + FLOAT_CHUNK])
-    return out
+    return out.T
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,11 @@ KERNELS = {
     kernel.name: kernel
     for kernel in (
         Kernel("int_mm", _int_mm, lambda device, dim: hasattr(torch, "_int_mm")),
+        Kernel("int_mm_query_major", _int_mm_query_major, lambda device, dim: hasattr(torch, "_int_mm")),
         Kernel("float_mm", _float_mm, lambda device, dim: True),
     )
 }
-"""Every exact implementation of codes (N, D) x query codes (R, D) -> (N, R) integers (int32 or fp32).
+"""Every exact implementation of query codes (R, D) x codes (N, D)^T -> (R, N) integers (int32 or fp32).
 A kernel that raises on a shape (``torch._int_mm`` on CUDA below 17 query rows) is rejected."""
 
 
@@ -85,8 +91,8 @@ _calibrations: dict[tuple[str, int, str | None], Calibration] = {}
 
 
 def integer_dots(codes: Tensor, query_codes: Tensor) -> Tensor:
-    """codes (N, D) int8 times query_codes (R, D) int8 -> (N, R), every entry the exact integer
-    (int32 or fp32, by kernel)."""
+    """query_codes (R, D) int8 times codes (N, D) int8, transposed -> (R, N), every entry the exact
+    integer (int32 or fp32, by kernel)."""
     dim = codes.shape[1]
     if dim * CODE_LIMIT * CODE_LIMIT >= 2**24:
         raise ValueError(f"the sketch's int8 products are exact only for head_dim <= 1040, got {dim}")
@@ -112,7 +118,7 @@ def _forced_kernel() -> str | None:
 
 def _calibrate(device: torch.device, dim: int, forced: str | None) -> Calibration:
     codes, query_codes = _extreme_codes(device, dim)
-    expected = codes.long() @ query_codes.long().T
+    expected = query_codes.long() @ codes.long().T
     candidates = [forced] if forced else list(KERNELS)
     exact, rejected = [], []
     for name in candidates:
