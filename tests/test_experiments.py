@@ -421,6 +421,11 @@ def test_cli_train_eval_sweep_report_and_tasks(tmp_path, capsys):
         main(["report", str(tmp_path / "sweep" / "copy" / "results.json"), "--out", str(tmp_path / "r")]) == 0
     )
     assert (tmp_path / "r" / "table.md").exists()
+    runs = results.record_runs(record, tmp_path / "sweep" / "copy")
+    assert sorted(runs) == ["entmax-seed0", "entmax-seed1", "softmax-seed0", "softmax-seed1"]
+    assert [h["step"] for h in results.validation_history(runs["entmax-seed1"])] == [2]
+    for folder in ("sweep/copy", "r"):  # the report finds the runs beside the results it reads
+        assert (tmp_path / folder / "learning_curves.png").exists()
     assert main(["tasks", "list"]) == 0
     assert main(["tasks", "export", "mqmtar", "--task-option", "alphabet=16", "--task-option", "n_keys=100",
                  "--task-option", "n_values=100", "--length", "60", "--examples", "3",

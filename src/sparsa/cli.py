@@ -284,11 +284,12 @@ def _report(args: argparse.Namespace) -> int:
             raise ValueError("--merge needs --out, the folder for the merged results and report")
         merged = merge([load(p) for p in paths], [str(p) for p in paths])
         print(f"wrote {write(merged, Path(args.out) / 'results.json')}")
-        reports = [(merged, Path(args.out))]
+        reports = [(merged, Path(args.out), None)]
     else:
-        reports = [(load(p), f) for p, f in zip(paths, _report_folders(paths, args.out), strict=True)]
-    for record, folder in reports:
-        written = report(record, folder)
+        folders = _report_folders(paths, args.out)
+        reports = [(load(p), f, p.parent) for p, f in zip(paths, folders, strict=True)]
+    for record, folder, runs_folder in reports:
+        written = report(record, folder, runs_folder)
         print(table(record))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -96,7 +96,8 @@ class BlockedAttention(torch.autograd.Function):
             q_rows = layout.grouped(q, start, end)
             scores = layout.scores(q_rows, k_work, scale, start, end, slice(0, keys))
             weights, block_m, block_s = entmax_rows(scores, layout.row_alpha(start, end), layout.compiled)
-            live = weights.amax(0) > 0
+            # != 0 rather than > 0: a NaN row (NaN scores) keeps every key, so it stays NaN.
+            live = (weights != 0).any(0)
             first = int(live.to(torch.uint8).argmax()) if bool(live.any()) else keys
             key_ranges.append(slice(first, keys))
             kept += (end - start) * (keys - first)

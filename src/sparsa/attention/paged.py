@@ -346,7 +346,7 @@ class _Rows:
         size = q.abs().sum(-1, keepdim=True) * largest_key[:, :, None, None]
         bound = (dot + BOUND_MARGIN * size).reshape(-1, pages) * self.scale + self._page_bias(pages)
         page = torch.arange(pages, device=q.device)
-        return bound.masked_fill(page >= self.visible_pages[:, None], -math.inf)
+        return _unbounded_where_nan(bound).masked_fill(page >= self.visible_pages[:, None], -math.inf)
 
     def _page_bias(self, pages: int) -> Tensor:
         """(R, pages): the largest ALiBi bias of each page, at its last key the row sees."""
@@ -375,7 +375,9 @@ class _Rows:
         weights = _weights(scores, self.alpha)
         tau = thresholds_of(scores, weights, self.alpha[:, None])
         held = (weights > 0).sum(-1) / torch.isfinite(scores).sum(-1).clamp_min(1)
-        return tau - BOUND_MARGIN * (1 + tau.abs()), held
+        # A NaN among the scores read gives a NaN tau, which proves nothing: no page is ruled out.
+        tau = (tau - BOUND_MARGIN * (1 + tau.abs())).nan_to_num(nan=-math.inf)
+        return tau, held
 
     def _candidates(self, tau: Tensor) -> Tensor:
         """Pages whose bound could beat tau, per row (for softmax rows: every visible page)."""
@@ -434,7 +436,7 @@ class _Rows:
             largest = largest.add_(norms, alpha=0.5 * margin).mul_(step / (2 * SKETCH_LEVELS))
             largest = largest + (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
             bounds[row, kv_head] = cache.key_scale[row, kv_head, :pages] * largest
-        return bounds.view(-1, pages) * self.scale + self._page_bias(pages)
+        return _unbounded_where_nan(bounds.view(-1, pages) * self.scale + self._page_bias(pages))
 
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
@@ -554,6 +556,11 @@ class _Rows:
 
     def _view(self, x: Tensor) -> Tensor:
         return x.view(self.shape)
+
+
+def _unbounded_where_nan(bound: Tensor) -> Tensor:
+    """A NaN bound (a NaN or infinite key or query entry) bounds nothing: the page must be read."""
+    return bound.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def _mass_bound(bound: Tensor, tau: Tensor, alpha: Tensor) -> Tensor:

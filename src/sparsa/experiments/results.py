@@ -385,6 +385,60 @@ def bits_by_position_plot(record: dict, path: str | Path) -> Path:
     return path
 
 
+def validation_history(run_dir: str | Path) -> list[dict]:
+    """A run's validation results in step order, each with its ``step`` (from the run's log.jsonl)."""
+    from .train import LOG_FILE  # train imports evaluate, which imports this module
+
+    log = Path(run_dir) / LOG_FILE
+    lines = log.read_text().splitlines() if log.exists() else []
+    entries = [json.loads(line) for line in lines if line.strip()]
+    return [{"step": e["step"], **e["validation"]} for e in entries if "validation" in e]
+
+
+def learning_curves_plot(record: dict, runs: dict[str, Path], path: str | Path) -> Path:
+    """Each run's validation metrics against its training steps: one panel per metric, one line per run.
+
+    ``runs`` maps a label to its run folder (``record_runs``).
+    Text runs show passkey exact match and bits per byte, the others exact
+    match and per-token accuracy; the subtitle gives the validation length
+    and examples each point is.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = {label: validation_history(folder) for label, folder in runs.items()}
+    metrics = ["exact_match", "bits_per_byte" if record["task"] == "text" else "token_accuracy"]
+    figure, panels = plt.subplots(1, len(metrics), figsize=(11.0, 4.4))
+    for axes, metric in zip(panels, metrics, strict=True):
+        for index, (label, history) in enumerate(histories.items()):
+            points = [(h["step"], h[metric]) for h in history if metric in h]
+            axes.plot(
+                [s for s, _ in points],
+                [v for _, v in points],
+                marker=MARKERS[index % len(MARKERS)],
+                linestyle=LINE_STYLES[index % len(LINE_STYLES)],
+                label=label,
+            )
+        axes.set_xlabel("training step")
+        axes.set_ylabel(metric_name(record, metric))
+        axes.grid(alpha=0.3)
+    first = next(iter(histories.values()))[0]
+    figure.suptitle(
+        f"{record['task']}: validation during training, at length {first['length']} "
+        f"({first['length'] / record['train_length']:g}x the training length), "
+        f"{first['examples']} examples per point, one run per line",
+        fontsize=10,
+    )
+    panels[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def corpus_line(fingerprint: dict) -> str:
     python = f", Python {fingerprint['python']}" if "python" in fingerprint else ""
     return (
@@ -393,8 +447,24 @@ def corpus_line(fingerprint: dict) -> str:
     )
 
 
-def report(record: dict, out: str | Path) -> list[Path]:
-    """table.md (every metric present), a PNG per metric in ``out``; text adds passkey and position plots."""
+def run_folder(sweep_folder: str | Path, variant: str, seed: int) -> Path:
+    """Where a sweep trains (variant, seed)."""
+    return Path(sweep_folder) / "runs" / f"{variant}-seed{seed}"
+
+
+def record_runs(record: dict, sweep_folder: str | Path) -> dict[str, Path]:
+    """The run folders of ``record``'s (variant, seed) pairs that ``sweep_folder`` holds, by folder name."""
+    pairs = dict.fromkeys((row["variant"], row["seed"]) for row in record["results"])
+    found = [run_folder(sweep_folder, variant, seed) for variant, seed in pairs]
+    return {run.name: run for run in found if validation_history(run)}
+
+
+def report(record: dict, out: str | Path, runs_folder: str | Path | None = None) -> list[Path]:
+    """table.md (every metric present), a PNG per metric in ``out``; text adds passkey and position plots.
+
+    Where ``runs_folder`` (default ``out``) holds the record's runs (a sweep's
+    runs/), learning_curves.png shows their validation against steps.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     present = [m for m in METRICS if any(m in row for row in record["results"])]
@@ -409,4 +479,7 @@ def report(record: dict, out: str | Path) -> list[Path]:
         written.append(passkey_heatmap(record, out / "passkey.png"))
     if any("bits_by_position" in row for row in record["results"]):
         written.append(bits_by_position_plot(record, out / "bits_by_position.png"))
+    runs = record_runs(record, out if runs_folder is None else runs_folder)
+    if runs:
+        written.append(learning_curves_plot(record, runs, out / "learning_curves.png"))
     return written

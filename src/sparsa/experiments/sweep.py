@@ -59,7 +59,7 @@ def sweep(
     for variant in variants:
         for seed in seeds:
             config = dataclasses.replace(base, variant=variant, seed=seed)
-            run_dir = out / "runs" / f"{variant}-seed{seed}"
+            run_dir = results.run_folder(out, variant, seed)
             if (run_dir / RUN_FILE).exists():
                 _check_recipe(recipe(RunConfig.load(run_dir)), wanted, run_dir)
             if not is_finished(run_dir):

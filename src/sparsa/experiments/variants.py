@@ -63,7 +63,7 @@ PRESETS: dict[str, dict] = {
         "model": {"d_model": 128, "n_layers": 4, "n_heads": 8, "positions": "nape"},
         "train": {
             "batch_size": 32,
-            "steps": 1000,
+            "steps": 2000,
             "lr": 2e-3,
             "min_length": 256,
             "max_length": 256,
