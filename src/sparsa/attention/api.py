@@ -78,7 +78,11 @@ def attention(
             "reference" and "blocked" backends ("auto" picks blocked); no
             ``return_stats`` (row maps have no entmax threshold).
 
-    Rows with no visible key give zeros and zero gradients.
+    Rows with no visible key give zeros and zero gradients. Non-finite inputs
+    behave as in torch, in every backend: a NaN score (from q, k, a float
+    mask or a bias) or a +inf score makes its row NaN, forward and backward;
+    -inf hides a key; a NaN value makes NaN at least every row that gives
+    its key weight (docs/design.md).
     """
     _check_qkv(q, k, v)
     batch, heads, n_q, dim = q.shape
@@ -155,9 +159,9 @@ def _row_map_attention(q, k, v, name, parameters, options, bias, scale, backend,
             raise ValueError(f"row parameter {n!r} is on {value.device}, q on {q.device}")
     fixed = {n: value for n, value in arguments.items() if n not in tensors}
     if dropout_p > 0 or backend == "reference":
-        weigh = functools.partial(chosen.function, **tensors, **fixed)
+        weigh = functools.partial(chosen.weigh, **tensors, **fixed)
         return reference_row_map_attention(q, k, v, weigh, bias, scale, dropout_p)
-    return blocked_row_map_attention(q, k, v, chosen.function, tensors, fixed, bias, scale)
+    return blocked_row_map_attention(q, k, v, chosen.weigh, tensors, fixed, bias, scale)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

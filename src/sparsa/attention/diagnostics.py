@@ -78,7 +78,7 @@ def weight_summary(
     if row_map is not None:
         chosen = get_row_map(row_map)
         arguments = chosen.arguments(heads, row_parameters, row_options or {}, q.new_empty(0, dtype=work))
-        weigh = functools.partial(chosen.function, **arguments)
+        weigh = functools.partial(chosen.weigh, **arguments)
     keys = k.to(work).repeat_interleave(heads // kv_heads, dim=1)
     step = max(1, SUMMARY_BLOCK_BUDGET // max(1, batch * heads * n_k))
     totals = torch.zeros(3, heads, dtype=torch.float64, device=q.device)

@@ -293,6 +293,9 @@ def decode(
             densely without bounds (the bounds and gathers cost more than they
             save there); 0 plans at every length.
         return_stats: also return :class:`DecodeStats`.
+
+    Non-finite queries and keys give what ``sparsa.attention`` gives: a page
+    holding a NaN or infinite key has no finite bound and is always read.
     """
     heads = _check_query(q, cache)
     alpha_heads = _alpha_per_head(alpha, heads, q.device)

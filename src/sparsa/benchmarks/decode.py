@@ -49,6 +49,8 @@ STRUCTURED_KEYS = 4
 """Keys of high score per query head in the structured cache."""
 ORTHOGONAL_SCALE = 3.0
 """Standard deviation of the structured keys' component orthogonal to their group's queries."""
+STRUCTURED_CHUNK = 65536
+"""Keys built at a time in the structured cache (bounds its temporaries)."""
 
 
 def make_inputs(kind: str, batch: int, length: int, dtype: torch.dtype, seed: int = 0):
@@ -67,30 +69,35 @@ def make_inputs(kind: str, batch: int, length: int, dtype: torch.dtype, seed: in
             keys = k[torch.arange(batch)[:, None], head // group, matched]
             q[:, head, 0] = 3.0 * keys.mean(1) + 0.3 * q[:, head, 0]
     elif kind == "structured":
-        k = _structured_keys(q, length, generator)
+        _structured_keys(q, k, generator)
     elif kind != "gaussian":
         raise ValueError(f"cache kind must be one of {CACHES}, got {kind!r}")
     return q.to(dtype), k.to(dtype), v.to(dtype), slopes
 
 
-def _structured_keys(q: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
-    """Keys whose scores are low (N(0, 1/4)) but for STRUCTURED_KEYS per query head (score about
-    3 |q|^2 / sqrt(D)), each with a large component orthogonal to its group's queries."""
+def _structured_keys(q: torch.Tensor, k: torch.Tensor, generator: torch.Generator) -> None:
+    """Overwrite k with keys whose scores are low (N(0, 1/4)) but for STRUCTURED_KEYS per query head
+    (score about 3 |q|^2 / sqrt(D)), each with a large component orthogonal to its group's queries.
+
+    Built a chunk of keys at a time, so a 1M-token cache needs no full-size temporaries."""
     batch, heads = q.shape[0], q.shape[1]
+    length = k.shape[2]
     group = heads // KV_HEADS
     queries = q[:, :, 0].view(batch, KV_HEADS, group, HEAD_DIM)
     basis = torch.linalg.qr(queries.transpose(-1, -2)).Q
-    wide = ORTHOGONAL_SCALE * torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=generator)
-    k = wide - (wide @ basis) @ basis.transpose(-1, -2)
     # In-span part: 0.5 |q|/sqrt(D) N(0, 1) along each query's solve, so scores stay N(0, 1/4).
-    scores = 0.5 * torch.randn(batch, KV_HEADS, length, group, generator=generator)
-    k = k + scores @ torch.linalg.pinv(queries).transpose(-1, -2) * HEAD_DIM**0.5
+    solve = torch.linalg.pinv(queries).transpose(-1, -2) * HEAD_DIM**0.5
+    for start in range(0, length, STRUCTURED_CHUNK):
+        end = min(length, start + STRUCTURED_CHUNK)
+        wide = ORTHOGONAL_SCALE * torch.randn(batch, KV_HEADS, end - start, HEAD_DIM, generator=generator)
+        wide -= (wide @ basis) @ basis.transpose(-1, -2)
+        scores = 0.5 * torch.randn(batch, KV_HEADS, end - start, group, generator=generator)
+        k[:, :, start:end] = wide.add_(scores @ solve)
     for head in range(heads):
         kv_head = head // group
         matched = torch.randint(0, length, (batch, STRUCTURED_KEYS), generator=generator)
         rows = torch.arange(batch)[:, None]
         k[rows, kv_head, matched] += 3.0 * q[:, head, 0][:, None]
-    return k
 
 
 def _paged(k: torch.Tensor, v: torch.Tensor) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:

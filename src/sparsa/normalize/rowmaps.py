@@ -163,7 +163,12 @@ class RowMap:
     normalized: bool = False
 
     def __call__(self, scores: Tensor, parameters: dict[str, Tensor] | None = None, **options) -> Tensor:
-        return self.function(scores, **self.arguments(scores.shape[1], parameters, options, scores))
+        return self.weigh(scores, **self.arguments(scores.shape[1], parameters, options, scores))
+
+    def weigh(self, scores: Tensor, **arguments) -> Tensor:
+        """The map's weights; a row with a NaN score is NaN, whatever the map would make of it."""
+        weights = self.function(scores, **arguments)
+        return weights.masked_fill(scores.isnan().any(-1, keepdim=True), float("nan"))
 
     def check(self, heads: int, options: dict) -> None:
         """Refuse, with the option named, options this map does not take or cannot use."""

@@ -252,11 +252,14 @@ def _forward_kernel(
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     second = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # Rows with a NaN or +inf score have no threshold; they output NaN, as torch's softmax does.
+    non_finite = tl.zeros([BLOCK_M], tl.int32)
     for first in range(start, end, BLOCK_N):
         offs_n = first + offs_nb
         k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
         s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
         s = tl.where(rows[:, None], s, float("-inf"))
+        non_finite += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32), 1)
         row_max, at = tl.max(s, 1, return_indices=True)
         row_second = tl.max(tl.where(offs_nb[None, :] == at[:, None], float("-inf"), s), 1)
         tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
@@ -272,7 +275,8 @@ def _forward_kernel(
     lower = _pair_bound(runner_up, inv, BOUND_ITERATIONS)
     upper = -tl.exp(-am1 * tl.log(tl.maximum(count, 1.0)))
     tau = lower
-    finished = (~seen) | (runner_up <= -1.0)
+    failed = non_finite > 0
+    finished = (~seen) | (runner_up <= -1.0) | failed
     passes = tl.full([], 0, tl.int32)
     spacing = (upper - lower) / (LEVELS - 1)
     if tl.sum((~finished).to(tl.int32)) > 0:
@@ -306,6 +310,9 @@ def _forward_kernel(
     entropy = tl.zeros([BLOCK_M], tl.float32)
     support = tl.zeros([BLOCK_M], tl.float32)
     tau = tl.where(seen, tau, float("inf"))
+    # A failed row marks every tile it sees live, so that the backward reaches them all with NaN.
+    tau = tl.where(failed, float("-inf"), tau)
+    m = tl.where(failed, 0.0, m)
     cut = _zero_cut(m, tau, inv, seen)
     live = Live + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
     for first in range(start, end, BLOCK_N):
@@ -330,7 +337,8 @@ def _forward_kernel(
     g_sum = tl.where(g_sum > 0, g_sum, 1.0)
     out_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
     out = Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
-    tl.store(out, (acc / p_sum[:, None]).to(Out.dtype.element_ty), mask=out_mask)
+    result = tl.where(failed[:, None], float("nan"), acc / p_sum[:, None])
+    tl.store(out, result.to(Out.dtype.element_ty), mask=out_mask)
     # 64-bit scalar bases first, so that the per-element offsets stay 32-bit.
     row_base = pid_bh * n_q
     aux_offsets = offs_m[:, None] * VALUE_DIM + offs_dv[None, :]
@@ -339,8 +347,8 @@ def _forward_kernel(
     if ALPHA_GRAD:
         tl.store(W + row_base * VALUE_DIM + aux_offsets, acc_w, mask=out_mask)
     stats = Stats + row_base * 4 + offs_m * 4
-    tl.store(stats, m, mask=rows)
-    tl.store(stats + 1, tau, mask=rows)
+    tl.store(stats, tl.where(failed, float("nan"), m), mask=rows)
+    tl.store(stats + 1, tl.where(failed, float("nan"), tau), mask=rows)
     tl.store(stats + 2, entropy, mask=rows)
     tl.store(stats + 3, support, mask=rows)
 
@@ -366,8 +374,12 @@ def _delta_kernel(
 
 @triton.jit
 def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexpr):
-    """p, and dS = g (dO v^T - delta) for one tile."""
-    p, g = _powers((s - m[:, None]) * am1 - tau[:, None], inv)
+    """p, and dS = g (dO v^T - delta) for one tile; NaN on the visible keys of a row stored as NaN."""
+    d = (s - m[:, None]) * am1 - tau[:, None]
+    p, g = _powers(d, inv)
+    broken = (d != d) & (s != float("-inf"))
+    p = tl.where(broken, float("nan"), p)
+    g = tl.where(broken, float("nan"), g)
     return p, g * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
 
 
