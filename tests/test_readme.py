@@ -1,27 +1,52 @@
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
 
-def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert blocks
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_python_examples_run(page):
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+        exec(compile(block, str(page), "exec"), {})
 
 
-def test_readme_first_screen_gives_the_two_commands():
-    first_screen = "\n".join(README.read_text().splitlines()[:30])
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_links_point_at_files_of_the_repository(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if not target.startswith(("http://", "https://", "#")):
+            assert (page.parent / target.split("#")[0]).exists(), f"{page.name} links to missing {target}"
+
+
+def test_readme_is_a_front_page():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 250
+    first_screen = "\n".join(lines[:30])
     assert "make demo" in first_screen and "make test" in first_screen
 
 
-def test_readme_related_work_tables_are_those_of_their_records():
+def test_related_work_tables_are_those_of_their_records():
     from sparsa.experiments import results
 
-    text = README.read_text()
+    text = (DOCS / "related-work.md").read_text()
     for name in ("related_copy_results.json", "related_reverse_results.json"):
-        record = results.load(README.parent / "docs" / name)
+        record = results.load(DOCS / name)
         for metric in ("exact_match", "token_accuracy"):
             rows = results.table(record, metric).split("\n\n")[0]
             assert rows in text, (name, metric)
+
+
+def test_language_model_tables_are_those_of_their_record():
+    from sparsa.experiments import results
+
+    text = (DOCS / "language-models.md").read_text()
+    record = results.load(DOCS / "lm_results.json")
+    for metric in ("exact_match", "bits_per_byte"):
+        _, _, *rows = results.table(record, metric).split("\n\n")[0].splitlines()
+        for row in rows:
+            assert row in text, (metric, row)

@@ -33,7 +33,7 @@ DEMO_STEPS = 3000
 TEXT_EXAMPLES = 20
 """Test windows per length and passkey documents per (length, depth) of the text demo (1x-8x).
 
-The README's record has 50 of each from 1x to 16x (`sparsa sweep`, the command in
+The record of docs/language-models.md has 50 of each from 1x to 16x (`sparsa sweep`, the command in
 demo_models/text/COMMAND); 4096 bytes alone would take the demo past 5 minutes.
 """
 
