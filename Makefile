@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch is pinned and installed first, so nothing pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo bench test lint clean
+.PHONY: setup demo bench test lint docs clean
 
 # The set-up says what it does; times measured on this project's 2-core machine.
 $(BIN)/activate:
@@ -16,7 +16,7 @@ $(BIN)/activate:
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	@echo "setup 2/3: $(TORCH_PIN), CPU build (about 30 s)"
 	@$(BIN)/pip install --quiet $(TORCH_PIN)
-	@echo "setup 3/3: sparsa (editable) with its test, benchmark and integration tools (about 35 s)"
+	@echo "setup 3/3: sparsa (editable) with its test, benchmark, documentation and integration tools (about 40 s)"
 	@$(BIN)/pip install --quiet -e '.[dev,bench]'
 	@touch $@
 	@echo "setup done: $(VENV)"
@@ -38,5 +38,10 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The documentation site (MkDocs, Material, API reference from the docstrings) in site/; strict:
+# a broken link, a missing page or an unresolvable reference fails. The test suite builds it too.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) results site .pytest_cache .ruff_cache .hypothesis

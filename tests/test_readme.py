@@ -41,12 +41,23 @@ def test_related_work_tables_are_those_of_their_records():
             assert rows in text, (name, metric)
 
 
-def test_language_model_tables_are_those_of_their_record():
+@pytest.mark.parametrize(
+    ("page", "record", "metric", "lengths"),
+    [
+        ("docs/language-models.md", "lm_results.json", "exact_match", None),
+        ("docs/language-models.md", "lm_results.json", "bits_per_byte", None),
+        ("docs/length-generalization.md", "demo_results.json", "exact_match", None),
+        ("docs/length-generalization.md", "lookup_results.json", "exact_match", None),
+        ("README.md", "demo_results.json", "exact_match", 5),
+    ],
+)
+def test_results_tables_are_those_of_their_records(page, record, metric, lengths):
+    """Every row of the record's table is on the page (the README shows the first ``lengths`` columns)."""
     from sparsa.experiments import results
 
-    text = (DOCS / "language-models.md").read_text()
-    record = results.load(DOCS / "lm_results.json")
-    for metric in ("exact_match", "bits_per_byte"):
-        _, _, *rows = results.table(record, metric).split("\n\n")[0].splitlines()
-        for row in rows:
-            assert row in text, (metric, row)
+    text = (ROOT / page).read_text()
+    _, _, *rows = results.table(results.load(DOCS / record), metric).split("\n\n")[0].splitlines()
+    for row in rows:
+        cells = row.strip("|").split("|")
+        shown = cells if lengths is None else cells[: 1 + lengths]
+        assert "|" + "|".join(shown) + "|" in text, (page, record, metric, row)

@@ -48,8 +48,9 @@ def attention(
 
     Args:
         q: queries (B, H, Nq, D).
-        k, v: keys (B, Hkv, Nk, D) and values (B, Hkv, Nk, Dv), H divisible by
-            Hkv (grouped-query attention; K and V are never repeated).
+        k: keys (B, Hkv, Nk, D), H divisible by Hkv (grouped-query attention;
+            K and V are never repeated).
+        v: values (B, Hkv, Nk, Dv).
         alpha: >= 1; a float (1.0 is softmax, 1.5 the usual sparse choice) or
             a tensor (H,) with one alpha per head, whose gradient is computed.
         is_causal: each query sees keys up to its position; with Nq <= Nk

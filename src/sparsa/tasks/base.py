@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PAD, BOS, SEP, EOS = 0, 1, 2, 3
+PAD = 0
+"""Padding token id (every task's vocabulary starts with the four special tokens)."""
+BOS = 1
+"""Beginning of sequence."""
+SEP = 2
+"""Separates a task's input from its answer."""
+EOS = 3
+"""End of sequence: generation stops here."""
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<sep>", "<eos>")
 IGNORE = -100
 SPLITS = {"train": 0, "validation": 1, "test": 2, "export": 3}
