@@ -68,3 +68,15 @@ def test_the_cli_reference_covers_every_command(site):
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     for command in commands:
         assert f"sparsa {command}" in page, command
+
+
+@pytest.mark.parametrize(
+    "module", ["sparsa.normalize.maps", "sparsa.attention.api", "sparsa.attention.paged"]
+)
+def test_docstring_examples_run(module):
+    import doctest
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    failed, attempted = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert attempted > 0 and failed == 0

@@ -84,6 +84,16 @@ def attention(
     mask or a bias) or a +inf score makes its row NaN, forward and backward;
     -inf hides a key; a NaN value makes NaN at least every row that gives
     its key weight (docs/design.md).
+
+    Example:
+        >>> import torch, sparsa
+        >>> q, k, v = torch.randn(1, 4, 128, 32), torch.randn(1, 2, 128, 32), torch.randn(1, 2, 128, 32)
+        >>> out = sparsa.attention(q, k, v, alpha=1.5, is_causal=True)  # 4 query heads share 2 KV heads
+        >>> out.shape
+        torch.Size([1, 4, 128, 32])
+        >>> reference = sparsa.attention(q, k, v, alpha=1.5, is_causal=True, backend="reference")
+        >>> torch.allclose(out, reference, atol=1e-5)
+        True
     """
     _check_qkv(q, k, v)
     batch, heads, n_q, dim = q.shape

@@ -296,6 +296,17 @@ def decode(
 
     Non-finite queries and keys give what ``sparsa.attention`` gives: a page
     holding a NaN or infinite key has no finite bound and is always read.
+
+    Example:
+        >>> import torch, sparsa
+        >>> from sparsa.attention import PagedKVCache, decode
+        >>> q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 500, 32), torch.randn(1, 2, 500, 32)
+        >>> cache = PagedKVCache(1, 2, 32, page_size=16)
+        >>> cache.append(k, v)
+        >>> out = decode(q, cache, alpha=1.5)  # the query after the 500 cached tokens
+        >>> dense = sparsa.attention(q, k, v, alpha=1.5, is_causal=True)
+        >>> torch.allclose(out, dense, atol=1e-5)
+        True
     """
     heads = _check_query(q, cache)
     alpha_heads = _alpha_per_head(alpha, heads, q.device)

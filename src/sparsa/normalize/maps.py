@@ -300,6 +300,11 @@ def entmax(
 
     Returns:
         weights with the shape and dtype of ``x`` (fp16/bf16 computed in fp32).
+
+    Example:
+        >>> import torch, sparsa
+        >>> sparsa.entmax(torch.tensor([2.0, 1.0, -1.0]), alpha=1.5)  # the last score gets exactly 0
+        tensor([0.8307, 0.1693, 0.0000])
     """
     x = check_scores(x)
     dim = check_dim(x, dim)
