@@ -46,6 +46,8 @@ def _tiny(family: str, **overrides):
     }
     if family == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif family == "mistral":  # its config carries sliding_window=4096, longer than any test's keys
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     return model.eval()
@@ -188,7 +190,7 @@ def test_learnt_alpha_equals_attention_by_hand_and_gets_gradients():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_alpha_one_without_scaling_equals_the_original_model(family):
     torch.manual_seed(2)
     model = _tiny(family)
@@ -213,7 +215,7 @@ def _greedy_by_full_forwards(model, ids, mask, steps):
     return ids
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_generate_with_the_cache_equals_greedy_full_forwards(family, padded):
     torch.manual_seed(3)
@@ -487,3 +489,10 @@ def test_a_nan_in_a_converted_model_reaches_the_logits_of_later_positions_only()
     nan_positions = logits.isnan().any(-1)
     # Earlier positions may be NaN too (its value times a zero weight); the other sequence never is.
     assert bool(nan_positions[0, 5:].all()) and not bool(nan_positions[1].any())
+
+
+def test_a_sliding_window_shorter_than_the_keys_is_refused_by_name():
+    model = sparsify(_tiny("mistral", sliding_window=4), 1.5)
+    with pytest.raises(ValueError, match="sliding_window=4, 12 keys"):
+        model(torch.randint(4, VOCAB, (1, 12)))
+    assert model(torch.randint(4, VOCAB, (1, 4))).logits.shape == (1, 4, VOCAB)

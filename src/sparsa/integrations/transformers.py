@@ -149,7 +149,7 @@ def sparsa_attention(
     (B, Nq, H, D) and no weights.
     """
     for option, what in UNSUPPORTED_CALL_OPTIONS.items():
-        if kwargs.get(option) is not None:
+        if kwargs.get(option) is not None and option != "sliding_window":
             raise ValueError(f"sparsa attention does not implement {what} ({option}={kwargs[option]!r})")
     controls = getattr(module, "sparsa", None)
     if not isinstance(controls, SparsaControls):
@@ -161,6 +161,13 @@ def sparsa_attention(
     n_q = query.shape[2]
     n_k = key.shape[2] if pages is None else pages.positions
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = kwargs.get("sliding_window")
+    if window is not None and not (causal and n_k <= window):
+        # A causal window at least as long as the keys hides none of them: plain causal attention.
+        what = UNSUPPORTED_CALL_OPTIONS["sliding_window"]
+        raise ValueError(
+            f"sparsa attention does not implement {what} (sliding_window={window!r}, {n_k} keys)"
+        )
     if attention_mask is not None:
         attention_mask = _fit_mask(attention_mask, n_k)
     elif causal and 1 < n_q < n_k and pages is None:
