@@ -48,6 +48,9 @@ def _tiny(family: str, **overrides):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif family == "mistral":  # its config carries sliding_window=4096, longer than any test's keys
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    elif family == "gpt_neox":  # its attention module has head_size, not head_dim, and fused QKV
+        common.pop("num_key_value_heads")
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common))
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     return model.eval()
@@ -190,7 +193,7 @@ def test_learnt_alpha_equals_attention_by_hand_and_gets_gradients():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt_neox"])
 def test_alpha_one_without_scaling_equals_the_original_model(family):
     torch.manual_seed(2)
     model = _tiny(family)
@@ -215,7 +218,7 @@ def _greedy_by_full_forwards(model, ids, mask, steps):
     return ids
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt_neox"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_generate_with_the_cache_equals_greedy_full_forwards(family, padded):
     torch.manual_seed(3)

@@ -26,6 +26,7 @@ attention module's input.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Sequence
 from numbers import Real
@@ -380,12 +381,18 @@ class PagedCache(Cache):
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of a transformers model that dispatch through ``AttentionInterface``."""
-    return [
-        m
-        for m in model.modules()
-        if type(m).__name__.endswith("Attention") and hasattr(m, "head_dim") and hasattr(m, "config")
-    ]
+    """The attention modules of a transformers model that dispatch through ``AttentionInterface``.
+
+    Found by what their forward calls (transformers' registry of attention functions), not by
+    attribute names, which differ between families (``head_dim``, ``head_size``, ...).
+    """
+    return [m for m in model.modules() if hasattr(m, "config") and _dispatches_through_interface(m)]
+
+
+def _dispatches_through_interface(module: nn.Module) -> bool:
+    forward = inspect.unwrap(type(module).forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
 def sparsify(
@@ -403,8 +410,9 @@ def sparsify(
     """Switch a transformers model's attention to alpha-entmax in place; returns the model.
 
     Args:
-        model: a loaded ``PreTrainedModel`` whose attention modules use
-            ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma, ...).
+        model: a loaded ``PreTrainedModel`` whose attention modules dispatch
+            through ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma,
+            GPT-NeoX, GPT-2, OPT, ...).
         alpha: entmax alpha >= 1 (1.0 = softmax, 1.5, 2.0 = sparsemax).
         scaling: None, "ssmax", "asentmax", "asentmax-static", "temperature",
             "learned-temperature", "log-n" (``scaling_options={"train_length":
