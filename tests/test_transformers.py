@@ -17,6 +17,7 @@ from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 import sparsa  # noqa: E402
 from sparsa.attention import DecodeStats, KeyPadding  # noqa: E402
+from sparsa.cli import main  # noqa: E402
 from sparsa.integrations.transformers import (  # noqa: E402
     PagedCache,
     attention_modules,
@@ -499,3 +500,17 @@ def test_a_sliding_window_shorter_than_the_keys_is_refused_by_name():
     with pytest.raises(ValueError, match="sliding_window=4, 12 keys"):
         model(torch.randint(4, VOCAB, (1, 12)))
     assert model(torch.randint(4, VOCAB, (1, 4))).logits.shape == (1, 4, VOCAB)
+
+
+def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys):
+    from sparsa.benchmarks import hf
+
+    assert {"llama", "gpt_neox", "bloom"} <= set(hf.architectures())
+    rows = {row["model_type"]: row for row in hf.run(["llama", "gpt_neox", "bloom"])["rows"]}
+    assert rows["llama"]["status"] == rows["gpt_neox"]["status"] == "converts"
+    assert rows["llama"]["max_logit_difference"] <= hf.MATCH
+    assert rows["bloom"]["status"] == "refused" and "attention module" in rows["bloom"]["reason"]
+    assert main(["bench", "hf", "--models", "llama", "--out", str(tmp_path)]) == 0
+    assert "| llama | converts |" in capsys.readouterr().out
+    assert main(["bench", "hf", "--models", "nosuch"]) == 2
+    assert "--models" in capsys.readouterr().err

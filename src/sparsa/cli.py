@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmarks import attention as attention_bench
     from .benchmarks import decode as decode_bench
     from .benchmarks import gpu as gpu_bench
+    from .benchmarks import hf as hf_bench
     from .benchmarks import kernels as kernels_bench
     from .benchmarks import normalizers as normalizer_bench
 
@@ -193,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kernels_bench.add_arguments(kernels)
     kernels.set_defaults(run=kernels_bench.run_from_args)
+    hf = benchmarks.add_parser(
+        "hf",
+        help="every causal-LM architecture of transformers: converted at alpha 1 and compared, or refused",
+    )
+    hf_bench.add_arguments(hf)
+    hf.set_defaults(run=hf_bench.run_from_args)
     return parser
 
 
