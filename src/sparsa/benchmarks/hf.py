@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .timing import machine, machine_line
+from .timing import machine, machine_line, markdown
 
 TINY = {
     "vocab_size": 64,
@@ -122,17 +123,16 @@ def run(model_types: list[str]) -> dict:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| architecture | result | max logit difference | reason |", "|---|---|---:|---|"]
+    headers = ["architecture", "result", "max logit difference", "reason"]
+    rows = []
     for row in result["rows"]:
         difference = row.get("max_logit_difference")
         shown = "" if difference is None else f"{difference:.1e}"
-        reason = row.get("reason", "").replace("|", "\\|")
-        lines.append(f"| {row['model_type']} | {row['status']} | {shown} | {reason} |")
-    counts = {}
-    for row in result["rows"]:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        rows.append([row["model_type"], row["status"], shown, row.get("reason", "").replace("|", "\\|")])
+    counts = Counter(row["status"] for row in result["rows"])
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    return "\n".join(lines) + f"\n\n{len(result['rows'])} architectures: {summary}."
+    table = markdown(headers, {"max logit difference"}, rows)
+    return f"{table}\n\n{len(result['rows'])} architectures: {summary}."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
