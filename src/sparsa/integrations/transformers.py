@@ -57,7 +57,6 @@ CONFIG_KEY = "sparsa"
 """The model-config attribute that records the conversion (saved in config.json)."""
 
 UNSUPPORTED_CALL_OPTIONS = {
-    "sliding_window": "sliding-window attention",
     "softcap": "soft-capped scores",
     "s_aux": "attention sinks",
     "position_bias": "additive position biases",
@@ -150,7 +149,7 @@ def sparsa_attention(
     (B, Nq, H, D) and no weights.
     """
     for option, what in UNSUPPORTED_CALL_OPTIONS.items():
-        if kwargs.get(option) is not None and option != "sliding_window":
+        if kwargs.get(option) is not None:
             raise ValueError(f"sparsa attention does not implement {what} ({option}={kwargs[option]!r})")
     controls = getattr(module, "sparsa", None)
     if not isinstance(controls, SparsaControls):
@@ -165,9 +164,9 @@ def sparsa_attention(
     window = kwargs.get("sliding_window")
     if window is not None and not (causal and n_k <= window):
         # A causal window at least as long as the keys hides none of them: plain causal attention.
-        what = UNSUPPORTED_CALL_OPTIONS["sliding_window"]
         raise ValueError(
-            f"sparsa attention does not implement {what} (sliding_window={window!r}, {n_k} keys)"
+            f"sparsa attention does not implement sliding-window attention (sliding_window={window!r}, "
+            f"{n_k} keys)"
         )
     if attention_mask is not None:
         attention_mask = _fit_mask(attention_mask, n_k)
