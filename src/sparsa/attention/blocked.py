@@ -16,6 +16,8 @@ share a key/value head, so K and V are never repeated.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -29,11 +31,78 @@ from .stats import AttentionStats
 SCORE_BLOCK_BUDGET = 1 << 22
 MAX_QUERY_BLOCK = 512
 MIN_QUERY_BLOCK = 16
+# Keys that one bound rules out at once; the bounds cost about 2 / KEY_BLOCK of the scores.
+KEY_BLOCK = 64
+# A block is ruled out only when its bound is this far (relative) below the threshold: about a
+# thousand times the fp32 rounding of a score, so rounding never hides a key that holds weight.
+BOUND_SLACK = 1e-4
+# Units with few live key blocks join a wider bucket when the padding costs less than this share.
+MERGE_SLACK = 0.05
 
 
 def query_block_size(batch: int, heads: int, n_k: int) -> int:
     size = SCORE_BLOCK_BUDGET // max(1, batch * heads * n_k)
     return max(MIN_QUERY_BLOCK, min(MAX_QUERY_BLOCK, size))
+
+
+class _Bucket(NamedTuple):
+    """Units (b * Hkv + kv head) of one query block that score the same keys' count, and which.
+
+    Three kinds: ``units`` None is every unit over every visible key (the
+    dense case); ``blocks`` None is the listed units over every visible key;
+    otherwise unit ``units[i]`` scores key blocks ``blocks[i]`` (-1 pads) and
+    then the seed keys, those near the query block that every unit scored first.
+    """
+
+    units: Tensor | None
+    blocks: Tensor | None
+    seed: slice
+
+    def positions(self, keys: int) -> Tensor:
+        """(U, W) indices of the keys scored, -1 where a padding block holds none."""
+        if self.blocks is None:
+            return torch.arange(keys, device=self.units.device).expand(self.units.numel(), -1)
+        units = self.blocks.shape[0]
+        offsets = torch.arange(KEY_BLOCK, device=self.blocks.device)
+        gathered = (self.blocks[..., None] * KEY_BLOCK + offsets).view(units, -1)
+        gathered = torch.where(gathered < keys, gathered, -1)
+        seed = torch.arange(self.seed.start, self.seed.stop, device=self.blocks.device)
+        return torch.cat([gathered, seed.expand(units, -1)], -1)
+
+    def keys_of(self, flat: Tensor, keys: int, positions: Tensor | None) -> Tensor | list[Tensor]:
+        """The bucket's rows of flat keys or values (B * Hkv, Nk, X): one tensor (U, W, X), or for
+        the listed units over every key, a view per unit (no copy)."""
+        if self.units is None:
+            return flat[:, :keys]
+        if self.blocks is None:
+            return [flat[unit, :keys] for unit in self.units.tolist()]
+        return flat[self.units.view(-1, 1), positions.clamp_min(0)]
+
+    def rows_of(self, x: Tensor) -> Tensor:
+        return x if self.units is None else x[self.units]
+
+    def accumulate(self, grad: Tensor, keys: int, positions: Tensor | None, a: Tensor, b: Tensor) -> None:
+        """grad (B * Hkv, Nk + 1, X) += a^T b at the bucket's keys; a (U, rows, W), b (U, rows, X).
+        The spare last key row takes what padding positions receive (zeros)."""
+        if self.units is None:
+            grad[:, :keys].baddbmm_(a.transpose(-1, -2), b)
+        elif self.blocks is None:
+            for i, unit in enumerate(self.units.tolist()):
+                grad[unit, :keys].addmm_(a[i].T, b[i])
+        else:
+            index = (self.units.view(-1, 1), torch.where(positions >= 0, positions, grad.shape[1] - 1))
+            grad.index_put_(index, a.transpose(-1, -2) @ b, accumulate=True)
+
+
+def _times(a: Tensor, b: Tensor | list[Tensor], transpose: bool = False) -> Tensor:
+    """a (U, rows, X) times b (U, X, W), or times each b[i] of a list (then without copying b)."""
+    if isinstance(b, Tensor):
+        return a @ (b.transpose(-1, -2) if transpose else b)
+    width = b[0].shape[0 if transpose else 1] if b else 0
+    out = a.new_empty(a.shape[0], a.shape[1], width)
+    for i, matrix in enumerate(b):
+        torch.mm(a[i], matrix.T if transpose else matrix, out=out[i])
+    return out
 
 
 class _Layout:
@@ -43,36 +112,203 @@ class _Layout:
         self.batch, self.heads, self.n_q, self.dim = q.shape
         self.kv_heads, self.n_k = k.shape[1], k.shape[2]
         self.group = self.heads // self.kv_heads
+        self.units = self.batch * self.kv_heads
         self.work = compute_dtype(q.dtype)
         self.bias = bias
         self.alpha = alpha
         self.block = query_block_size(self.batch, self.heads, self.n_k)
         self.compiled = wants_compiled(self.batch * self.heads * self.block * self.n_k, q.device)
+        unit = torch.arange(self.units, device=q.device)
+        self.unit_batch = unit // self.kv_heads
+        self.unit_heads = (unit % self.kv_heads).view(-1, 1) * self.group + torch.arange(
+            self.group, device=q.device
+        )
 
     def blocks(self):
+        """Query blocks (start, end, keys visible) of the default size, before any plan."""
         for start in range(0, self.n_q, self.block):
             end = min(start + self.block, self.n_q)
             yield start, end, self.bias.key_end(end)
 
     def grouped(self, x: Tensor, start: int, end: int) -> Tensor:
-        """Rows start:end of a (B, H, Nq, X) tensor as (B, Hkv, group * rows, X) in the compute dtype."""
+        """Rows start:end of a (B, H, Nq, X) tensor as (B * Hkv, group * rows, X) in the compute dtype."""
         rows = x[:, :, start:end].to(self.work)
-        return rows.reshape(self.batch, self.kv_heads, self.group * (end - start), -1)
+        return rows.reshape(self.units, self.group * (end - start), -1)
 
-    def scores(self, q_rows: Tensor, k: Tensor, scale: float, start: int, end: int, keys: slice) -> Tensor:
-        """Biased scores of a query block against a range of keys, as (B * H * rows, width)."""
-        scores = (scale * q_rows) @ k[:, :, keys].transpose(-1, -2)
-        width = scores.shape[-1]
-        scores = self.bias.apply_(
-            scores.view(self.batch, self.heads, end - start, width), start, end, keys.start
-        )
-        return scores.view(-1, width)
+    def per_unit(self, x: Tensor, start: int, end: int, bucket: _Bucket, value: Tensor) -> None:
+        """Write ``value`` (U, group * rows, ...) to columns start:end of a (B, H, Nq, ...) tensor."""
+        view = x.view(self.units, self.group, *x.shape[2:])[:, :, start:end]
+        value = value.reshape(-1, self.group, end - start, *x.shape[3:]).to(x.dtype)
+        if bucket.units is None:
+            view.copy_(value)
+        else:
+            view[bucket.units] = value
 
-    def row_alpha(self, start: int, end: int) -> float | Tensor:
+    def unit_rows(self, x: Tensor, start: int, end: int, bucket: _Bucket) -> Tensor:
+        """Columns start:end of a (B, H, Nq) tensor for the bucket's units, as (U * group * rows, 1)."""
+        view = x.view(self.units, self.group, -1)[:, :, start:end]
+        return bucket.rows_of(view).reshape(-1, 1)
+
+    def flat(self, x: Tensor) -> Tensor:
+        """Keys or values (B, Hkv, Nk, X) as (B * Hkv, Nk, X) in the compute dtype."""
+        return x.to(self.work).reshape(self.units, self.n_k, -1)
+
+    def scores(self, q_rows: Tensor, k: Tensor, start: int, end: int, keys: slice, out=None) -> Tensor:
+        """Biased scores (B * Hkv, rows, width) of scaled query rows (B * Hkv, rows, D) against
+        keys ``keys`` of the flat k, in ``out`` if given (not differentiable then)."""
+        if out is None:
+            out = q_rows @ k[:, keys].transpose(-1, -2)
+        else:
+            torch.bmm(q_rows, k[:, keys].transpose(-1, -2), out=out)
+        self.bias.apply_(out.view(self.batch, self.heads, end - start, -1), start, end, keys.start)
+        return out
+
+    def scores_around(self, bucket: _Bucket, q_rows, k, seed_scores, start: int, end: int, keys: int):
+        """A dense bucket's scores over keys [0, keys): the seed's copied, the rest computed."""
+        units = q_rows.shape[0] if bucket.units is None else bucket.units.numel()
+        out = q_rows.new_empty(units, q_rows.shape[1], keys)
+        out[..., bucket.seed] = bucket.rows_of(seed_scores)
+        for rest in (slice(0, bucket.seed.start), slice(bucket.seed.stop, keys)):
+            if rest.stop == rest.start:
+                continue
+            if bucket.units is None:
+                self.scores(q_rows, k, start, end, rest, out=out[..., rest])
+                continue
+            for i, unit in enumerate(bucket.units.tolist()):
+                torch.mm(q_rows[unit], k[unit, rest].T, out=out[i, :, rest])
+            view = out[..., rest].view(units, self.group, end - start, -1)
+            positions = torch.arange(rest.start, rest.stop, device=out.device).expand(units, -1)
+            batch, heads = self.unit_batch[bucket.units], self.unit_heads[bucket.units]
+            self.bias.apply_at_(view, start, end, batch, heads, positions)
+        return out
+
+    def bucket_scores(self, bucket: _Bucket, q_rows: Tensor, k, positions, start: int, end: int) -> Tensor:
+        """Biased scores (U, rows, W) of a bucket's scaled query rows against its keys ``k``
+        (from :meth:`_Bucket.keys_of`) at ``positions``."""
+        scores = _times(bucket.rows_of(q_rows), k, transpose=True)
+        if bucket.units is None:
+            self.bias.apply_(scores.view(self.batch, self.heads, end - start, -1), start, end)
+        else:
+            units = bucket.units
+            view = scores.view(units.numel(), self.group, end - start, -1)
+            self.bias.apply_at_(view, start, end, self.unit_batch[units], self.unit_heads[units], positions)
+        return scores
+
+    def row_alpha(self, start: int, end: int, units: Tensor | None = None) -> float | Tensor:
         if isinstance(self.alpha, float):
             return self.alpha
         per_head = self.alpha.to(self.work).view(1, self.heads, 1)
-        return per_head.expand(self.batch, self.heads, end - start).reshape(-1, 1)
+        rows = per_head.expand(self.batch, self.heads, end - start).reshape(self.units, -1)
+        return (rows if units is None else rows[units]).reshape(-1, 1)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any row can give a key zero weight (alpha > 1 somewhere): only then do bounds pay."""
+        return bool((torch.as_tensor(self.alpha) > 1).any())
+
+    def seed(self, start: int, end: int, keys: int) -> slice:
+        """The whole key blocks from one block before the queries' positions on, up to ``keys``."""
+        first = max(0, (self.bias.offset + start) // KEY_BLOCK - 1) * KEY_BLOCK
+        last = (
+            keys
+            if self.bias.is_causal
+            else min(keys, -(-(self.bias.offset + end) // KEY_BLOCK + 1) * KEY_BLOCK)
+        )
+        return slice(min(first, keys), last)
+
+
+class _KeyBounds:
+    """Per key block coordinate maxima and minima of the keys, (B * Hkv, blocks, 2 D), and their norms."""
+
+    def __init__(self, k: Tensor) -> None:
+        """``k``: the flat keys (B * Hkv, Nk, D)."""
+        padded = torch.cat([k, k[:, -1:].expand(-1, -k.shape[1] % KEY_BLOCK, -1)], 1)
+        blocks = padded.view(k.shape[0], -1, KEY_BLOCK, k.shape[-1])
+        self.extremes = torch.cat([blocks.amax(2), blocks.amin(2)], -1)
+        self.largest_norm = k.norm(dim=-1).amax(-1)
+
+    def live(
+        self,
+        layout: _Layout,
+        q_rows: Tensor,
+        seed_scores: Tensor,
+        start: int,
+        end: int,
+        keys: int,
+        seed: slice,
+    ):
+        """(B * Hkv, n) bool over the key blocks outside the seed (also returned, (n,)): which a unit
+        must score because some row's bound on them reaches the threshold of the seed keys alone."""
+        n_blocks = -(-keys // KEY_BLOCK)
+        candidates = torch.arange(n_blocks, device=q_rows.device)
+        candidates = candidates[
+            (candidates < seed.start // KEY_BLOCK) | (candidates * KEY_BLOCK >= seed.stop)
+        ]
+        if candidates.numel() == 0:
+            return None, candidates
+        alpha = torch.as_tensor(layout.row_alpha(start, end), dtype=layout.work, device=q_rows.device)
+        alpha = alpha.view(-1) if alpha.dim() else alpha
+        # No weight exceeds 1, so a row's threshold is at least its largest score less 1 / (alpha - 1),
+        # and the seed's largest score is at most the row's (docs/mathematics.md).
+        largest = seed_scores.amax(-1).view(-1)
+        cutoff = torch.where(alpha > 1, largest - 1 / (alpha - 1).clamp_min(1e-30), float("-inf"))
+        # A +inf score makes its row NaN: NaN keeps every block, as the dense path would.
+        cutoff = torch.where(largest == float("inf"), float("nan"), cutoff).view(layout.units, -1, 1)
+        signed = torch.cat([q_rows.clamp_min(0), q_rows.clamp_max(0)], -1)
+        content = signed @ self.extremes[:, candidates].transpose(-1, -2)
+        position = layout.bias.block_bound(start, end, candidates, KEY_BLOCK, layout.work)
+        position = position.expand(layout.batch, layout.heads, end - start, -1).reshape(content.shape)
+        slack = BOUND_SLACK * (
+            1 + cutoff.abs() + q_rows.norm(dim=-1, keepdim=True) * self.largest_norm.view(-1, 1, 1)
+        )
+        # A NaN anywhere fails the comparison and keeps its block: NaN rows stay NaN.
+        ruled_out = content + position < cutoff - slack
+        return ~ruled_out.all(1), candidates
+
+
+def _buckets(live: Tensor, candidates: Tensor, seed: slice) -> list[_Bucket]:
+    """The units of a query block grouped by how many key blocks they score.
+
+    Units whose every block is live score every key, without gathering; the
+    others are grouped by their count of live blocks rounded up to a power of
+    two (padded with -1), and a small group joins the next larger one when
+    the padding costs less than MERGE_SLACK of the block's work.
+    """
+    counts = live.sum(-1)
+    n_candidates = candidates.numel()
+    widths = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp_min(1))), 0).long()
+    widths = widths.clamp_max(n_candidates)
+    full = widths == n_candidates
+    if bool(full.all()):
+        return [_Bucket(None, None, seed)]
+    seed_keys = seed.stop - seed.start
+    work = float((widths * KEY_BLOCK + seed_keys).sum())
+    groups: list[tuple[int, list[int]]] = []
+    for width in torch.unique(widths[~full]).tolist():
+        units = torch.nonzero((widths == width) & ~full).view(-1).tolist()
+        if groups and len(groups[-1][1]) * (width - groups[-1][0]) * KEY_BLOCK <= MERGE_SLACK * work:
+            units = groups.pop()[1] + units
+        groups.append((width, units))
+    # Live blocks first, in key order (a stable sort of "not live").
+    order = torch.sort((~live).to(torch.uint8), dim=-1, stable=True).indices
+    buckets = []
+    for width, unit_list in groups:
+        units = torch.tensor(unit_list, device=live.device)
+        blocks = candidates[order[units, :width]]
+        blocks = torch.where(torch.arange(width, device=live.device) < counts[units, None], blocks, -1)
+        buckets.append(_Bucket(units, blocks, seed))
+    if bool(full.any()):
+        buckets.append(_Bucket(torch.nonzero(full).view(-1), None, seed))
+    return buckets
+
+
+class _Plan(NamedTuple):
+    """One query block: its rows, the keys its queries can see, and how its units score them."""
+
+    start: int
+    end: int
+    keys: int
+    buckets: list[_Bucket]
 
 
 class BlockedAttention(torch.autograd.Function):
@@ -80,75 +316,116 @@ class BlockedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, alpha_tensor, alpha_float, bias, scale, count_support):
         alpha = alpha_float if alpha_tensor is None else alpha_tensor.detach()
         layout = _Layout(q, k, alpha, bias)
-        k_work, v_work = k.to(layout.work), v.to(layout.work)
+        flat_k, flat_v = layout.flat(k), layout.flat(v)
         out = q.new_zeros(layout.batch, layout.heads, layout.n_q, v.shape[-1])
         m = q.new_zeros(layout.batch, layout.heads, layout.n_q, dtype=layout.work)
         s = torch.full_like(m, float("inf"))
         support = torch.zeros(m.shape, dtype=torch.long, device=q.device)
-        # Per query block, the keys that carry weight: those before the first one that does in
-        # any row are proven zero here and skipped by every later pass (weights @ V, the backward).
-        key_ranges = []
-        kept = 0
-        for start, end, keys in layout.blocks():
+        bounds = _KeyBounds(flat_k) if layout.prunes and layout.n_k > 2 * KEY_BLOCK else None
+        plans, scored, visible_blocks = [], 0, 0
+        unscored = torch.zeros(layout.units, device=q.device)
+        start, block = 0, layout.block
+        while start < layout.n_q:
+            end = min(start + block, layout.n_q)
+            keys = bias.key_end(end)
+            plan = _Plan(start, end, keys, [])
+            plans.append(plan)
+            start = end
             if keys == 0:
-                key_ranges.append(slice(0, 0))
                 continue
-            q_rows = layout.grouped(q, start, end)
-            scores = layout.scores(q_rows, k_work, scale, start, end, slice(0, keys))
-            weights, block_m, block_s = entmax_rows(scores, layout.row_alpha(start, end), layout.compiled)
-            # != 0 rather than > 0: a NaN row (NaN scores) keeps every key, so it stays NaN.
-            live = (weights != 0).any(0)
-            first = int(live.to(torch.uint8).argmax()) if bool(live.any()) else keys
-            key_ranges.append(slice(first, keys))
-            kept += (end - start) * (keys - first)
-            grouped_weights = weights.view(layout.batch, layout.kv_heads, -1, keys)[..., first:]
-            block_out = grouped_weights @ v_work[:, :, first:keys]
-            out[:, :, start:end] = block_out.view(layout.batch, layout.heads, end - start, -1).to(out.dtype)
-            m[:, :, start:end] = block_m.view(layout.batch, layout.heads, -1)
-            s[:, :, start:end] = block_s.view(layout.batch, layout.heads, -1)
-            if count_support:
-                support[:, :, start:end] = (weights > 0).sum(-1).view(layout.batch, layout.heads, -1)
+            visible_blocks += -(-keys // KEY_BLOCK)
+            q_rows = scale * layout.grouped(q, plan.start, end)
+            seed = layout.seed(plan.start, end, keys) if bounds is not None else slice(0, keys)
+            seed_scores = layout.scores(q_rows, flat_k, plan.start, end, seed)
+            live, candidates = None, None
+            if seed.stop - seed.start < keys:
+                live, candidates = bounds.live(layout, q_rows, seed_scores, plan.start, end, keys, seed)
+            if live is None:
+                plan.buckets.append(_Bucket(None, None, seed))
+            else:
+                plan.buckets.extend(_buckets(live, candidates, seed))
+                unscored += (~live).sum(-1)
+            entries = 0
+            for bucket in plan.buckets:
+                positions = None if bucket.units is None else bucket.positions(keys)
+                if bucket.blocks is None:
+                    scores = layout.scores_around(bucket, q_rows, flat_k, seed_scores, plan.start, end, keys)
+                else:
+                    gathered = positions[:, : positions.shape[1] - (seed.stop - seed.start)]
+                    bucket_k = bucket.keys_of(flat_k, keys, gathered)
+                    own = layout.bucket_scores(bucket, q_rows, bucket_k, gathered, plan.start, end)
+                    scores = torch.cat([own, bucket.rows_of(seed_scores)], -1)
+                width = scores.shape[-1]
+                alpha_rows = layout.row_alpha(plan.start, end, bucket.units)
+                weights, block_m, block_s = entmax_rows(scores.view(-1, width), alpha_rows, layout.compiled)
+                weights = weights.view(scores.shape)
+                block_out = _times(weights, bucket.keys_of(flat_v, keys, positions))
+                layout.per_unit(out, plan.start, end, bucket, block_out)
+                layout.per_unit(m, plan.start, end, bucket, block_m)
+                layout.per_unit(s, plan.start, end, bucket, block_s)
+                if count_support:
+                    layout.per_unit(support, plan.start, end, bucket, (weights > 0).sum(-1))
+                entries += scores.shape[0] * width
+            scored += entries * q_rows.shape[1]
+            if bounds is not None:
+                # The next block holds as many score entries as the budget allows at this block's widths.
+                block = max(
+                    MIN_QUERY_BLOCK, min(MAX_QUERY_BLOCK, SCORE_BLOCK_BUDGET // (entries * layout.group))
+                )
         ctx.save_for_backward(q, k, v, m, s, alpha_tensor)
-        ctx.layout_args = (alpha, bias, scale, key_ranges)
-        skipped = torch.tensor(1 - kept / max(1, layout.n_q * layout.n_k))
-        ctx.mark_non_differentiable(m, s, support, skipped)
-        return out, m, s, support, skipped
+        ctx.layout_args = (alpha, bias, scale, plans)
+        skipped = torch.tensor(1 - scored / max(1, layout.batch * layout.heads * layout.n_q * layout.n_k))
+        share = (unscored / max(1, visible_blocks)).view(layout.batch, layout.kv_heads, 1)
+        share = share.expand(-1, -1, layout.group).reshape(layout.batch, layout.heads).mean(0)
+        ctx.mark_non_differentiable(m, s, support, skipped, share)
+        return out, m, s, support, skipped, share
 
     @staticmethod
     def backward(ctx, grad_out, *_):
         q, k, v, m, s, alpha_tensor = ctx.saved_tensors
-        alpha, bias, scale, key_ranges = ctx.layout_args
+        alpha, bias, scale, plans = ctx.layout_args
         layout = _Layout(q, k, alpha, bias)
-        k_work, v_work = k.to(layout.work), v.to(layout.work)
+        flat_k, flat_v = layout.flat(k), layout.flat(v)
         grad_q = torch.zeros(q.shape, dtype=layout.work, device=q.device)
-        grad_k = torch.zeros(k.shape, dtype=layout.work, device=k.device)
-        grad_v = torch.zeros(v.shape, dtype=layout.work, device=v.device)
+        # One spare key row per unit takes the (zero) gradients of the padding positions.
+        grad_k = torch.zeros(layout.units, layout.n_k + 1, k.shape[-1], dtype=layout.work, device=k.device)
+        grad_v = torch.zeros(layout.units, layout.n_k + 1, v.shape[-1], dtype=layout.work, device=v.device)
         alpha_grad = alpha_tensor is not None and ctx.needs_input_grad[3]
         grad_alpha = torch.zeros(layout.heads, dtype=layout.work, device=q.device) if alpha_grad else None
-        for (start, end, _), keys in zip(layout.blocks(), key_ranges, strict=True):
-            if keys.start == keys.stop:
-                continue
+        for start, end, keys, buckets in plans:
             q_rows = layout.grouped(q, start, end)
-            scores = layout.scores(q_rows, k_work, scale, start, end, keys)
-            row_alpha = layout.row_alpha(start, end)
-            block_m = m[:, :, start:end].reshape(-1, 1)
-            block_s = s[:, :, start:end].reshape(-1, 1)
-            weights = entmax_rows_from_threshold(scores, block_m, block_s, row_alpha, layout.compiled)
-            del scores
-            width = weights.shape[-1]
             grad_rows = layout.grouped(grad_out, start, end)
-            grad_weights = (grad_rows @ v_work[:, :, keys].transpose(-1, -2)).reshape(-1, width)
-            grad_scores, grad_row_alpha = entmax_rows_backward(
-                weights, grad_weights, row_alpha, alpha_grad, layout.compiled
-            )
-            grad_scores = grad_scores.view(layout.batch, layout.kv_heads, -1, width) * scale
-            grouped_weights = weights.view(layout.batch, layout.kv_heads, -1, width)
-            block_grad_q = grad_scores @ k_work[:, :, keys]
-            grad_q[:, :, start:end] = block_grad_q.view(layout.batch, layout.heads, end - start, -1)
-            grad_k[:, :, keys] += grad_scores.transpose(-1, -2) @ q_rows
-            grad_v[:, :, keys] += grouped_weights.transpose(-1, -2) @ grad_rows
-            if grad_alpha is not None:
-                grad_alpha += grad_row_alpha.view(layout.batch, layout.heads, -1).sum((0, 2))
+            for bucket in buckets:
+                positions = None if bucket.units is None else bucket.positions(keys)
+                bucket_k = bucket.keys_of(flat_k, keys, positions)
+                bucket_v = bucket.keys_of(flat_v, keys, positions)
+                scores = layout.bucket_scores(bucket, scale * q_rows, bucket_k, positions, start, end)
+                width = scores.shape[-1]
+                row_alpha = layout.row_alpha(start, end, bucket.units)
+                block_m = layout.unit_rows(m, start, end, bucket)
+                block_s = layout.unit_rows(s, start, end, bucket)
+                weights = entmax_rows_from_threshold(
+                    scores.view(-1, width), block_m, block_s, row_alpha, layout.compiled
+                )
+                del scores
+                unit_q, unit_grad = bucket.rows_of(q_rows), bucket.rows_of(grad_rows)
+                grad_weights = _times(unit_grad, bucket_v, transpose=True).view(-1, width)
+                grad_scores, grad_row_alpha = entmax_rows_backward(
+                    weights, grad_weights, row_alpha, alpha_grad, layout.compiled
+                )
+                grad_scores = grad_scores.view(-1, q_rows.shape[1], width) * scale
+                weights = weights.view(grad_scores.shape)
+                layout.per_unit(grad_q, start, end, bucket, _times(grad_scores, bucket_k))
+                bucket.accumulate(grad_k, keys, positions, grad_scores, unit_q)
+                bucket.accumulate(grad_v, keys, positions, weights, unit_grad)
+                if grad_alpha is not None:
+                    per_head = torch.zeros(layout.units, layout.group, dtype=layout.work, device=q.device)
+                    per_head[slice(None) if bucket.units is None else bucket.units] = grad_row_alpha.view(
+                        -1, layout.group, end - start
+                    ).sum(-1)
+                    grad_alpha += per_head.view(layout.batch, layout.heads).sum(0)
+        grad_k = grad_k[:, : layout.n_k].reshape(k.shape)
+        grad_v = grad_v[:, : layout.n_k].reshape(v.shape)
         return (
             grad_q.to(q.dtype),
             grad_k.to(k.dtype),
@@ -167,7 +444,7 @@ def blocked_attention(
     """alpha-entmax attention without materialising (Nq, Nk); alpha float or (H,)."""
     alpha_tensor = alpha if isinstance(alpha, Tensor) else None
     alpha_float = alpha if isinstance(alpha, float) else None
-    out, m, s, support, skipped = BlockedAttention.apply(
+    out, m, s, support, skipped, unscored = BlockedAttention.apply(
         q, k, v, alpha_tensor, alpha_float, bias, scale, stats
     )
     if not stats:
@@ -179,7 +456,9 @@ def blocked_attention(
         else alpha_tensor.detach().to(m.dtype).view(1, heads, 1)
     )
     tau = torch.where(alpha_rows == 1, m + s, (alpha_rows - 1) * m + s)
-    return out, AttentionStats(tau=tau, support=support, skipped_fraction=float(skipped))
+    return out, AttentionStats(
+        tau=tau, support=support, skipped_fraction=float(skipped), unscored_key_blocks=unscored
+    )
 
 
 class BlockedRowMapAttention(torch.autograd.Function):
@@ -236,7 +515,7 @@ class BlockedRowMapAttention(torch.autograd.Function):
 def _row_map_block(layout, q, k, v, function, options, names, parameters, scale, start, end, keys):
     """Output rows start:end (B, H, rows, Dv) in the compute dtype, from the keys before ``keys``."""
     q_rows = layout.grouped(q, start, end)
-    scores = layout.scores(q_rows, k.to(layout.work), scale, start, end, slice(0, keys))
+    scores = layout.scores(scale * q_rows, layout.flat(k), start, end, slice(0, keys))
     scores = scores.view(layout.batch, layout.heads, end - start, keys)
     weights = function(scores, **dict(zip(names, parameters, strict=True)), **options)
     grouped = weights.view(layout.batch, layout.kv_heads, -1, keys) @ v[:, :, :keys].to(layout.work)

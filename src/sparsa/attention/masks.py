@@ -78,6 +78,7 @@ class ScoreBias:
         alibi_slopes: Tensor | None,
         device: torch.device,
     ) -> None:
+        self.batch, self.heads = batch, heads
         self.n_q, self.n_k = n_q, n_k
         self.offset = n_k - n_q
         self.is_causal = is_causal
@@ -126,6 +127,87 @@ class ScoreBias:
         if self.mask is not None:
             mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
             mask = mask[..., k_start:k_end] if mask.shape[-1] > 1 else mask
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, NEG_INF)
+            else:
+                scores.add_(mask.to(scores.dtype))
+        return scores
+
+    def block_bound(self, q_start: int, q_end: int, blocks: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+        """An upper bound on the bias of each key block for each query, (B|1, H|1, rows, len(blocks)).
+
+        ``blocks`` (n,) numbers key blocks of ``block`` keys (block b holds keys
+        b * block up to the next block or Nk). -inf marks a block that the causal
+        mask, the padding or a bool mask hides from that query entirely; a
+        float mask contributes its largest value over the block.
+        """
+        first = blocks * block
+        last = torch.clamp_max(first + block, self.n_k) - 1
+        q_pos = torch.arange(q_start, q_end, device=self.device).view(-1, 1) + self.offset
+        bound = torch.zeros(1, 1, q_end - q_start, blocks.numel(), dtype=dtype, device=self.device)
+        if self.is_causal:
+            last = torch.minimum(last.view(1, -1), q_pos)
+            bound.masked_fill_(first.view(1, -1) > q_pos, NEG_INF)
+        if self.slopes is not None:
+            slopes = self.slopes.to(bound.dtype)
+            nearest = torch.where(slopes >= 0, last - q_pos, first - q_pos)
+            bound = bound + slopes * nearest
+        if self.padding_lengths is not None:
+            lengths = self.padding_lengths
+            hidden = first >= lengths if self.padding_side == "right" else last < self.n_k - lengths
+            bound = torch.where(hidden, NEG_INF, bound)
+        if self.mask is not None:
+            bound = bound + self._mask_block_maxima(q_start, q_end, blocks, block, dtype)
+        return bound
+
+    def _mask_block_maxima(self, q_start: int, q_end: int, blocks: Tensor, block: int, dtype) -> Tensor:
+        mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill_(~mask, NEG_INF)
+        mask = mask.to(dtype)
+        if mask.shape[-1] == 1:
+            return mask
+        padded = torch.nn.functional.pad(mask, (0, -self.n_k % block), value=NEG_INF)
+        maxima = padded.view(*mask.shape[:-1], -1, block).amax(-1)
+        return maxima[..., blocks]
+
+    def apply_at_(
+        self, scores: Tensor, q_start: int, q_end: int, batch: Tensor, heads: Tensor, positions: Tensor
+    ) -> Tensor:
+        """Add the biases in place to scores (U, G, rows, W) of gathered keys.
+
+        Unit u holds the queries of heads ``heads[u]`` (G,) of batch entry
+        ``batch[u]`` against the keys at ``positions[u]`` (W,); a negative
+        position is no key and gets -inf.
+        """
+        units = scores.shape[0]
+        if positions.numel() == 0:
+            return scores
+        q_pos = torch.arange(q_start, q_end, device=self.device).view(1, 1, -1, 1) + self.offset
+        k_pos = positions.view(units, 1, 1, -1)
+        # Each pass over the scores costs as much as computing them: skip those that change nothing.
+        lowest, highest = int(positions.min()), int(positions.max())
+        if self.slopes is not None:
+            slopes = self.slopes.view(self.slopes.shape[0], -1)
+            unit_slopes = slopes[batch.view(-1, 1) if slopes.shape[0] > 1 else 0, heads]
+            if bool((unit_slopes != 0).any()):
+                distance = (k_pos - q_pos).to(scores.dtype)
+                scores.add_(unit_slopes.view(units, -1, 1, 1).to(scores.dtype) * distance)
+        hidden = k_pos < 0 if lowest < 0 else None
+        if self.is_causal and highest > q_start + self.offset:
+            hidden = k_pos > q_pos if hidden is None else hidden | (k_pos > q_pos)
+        if self.padding_lengths is not None:
+            lengths = self.padding_lengths.view(-1)[batch].view(units, 1, 1, 1)
+            pad = k_pos >= lengths if self.padding_side == "right" else k_pos < self.n_k - lengths
+            hidden = pad if hidden is None else hidden | pad
+        if hidden is not None:
+            scores.masked_fill_(hidden, NEG_INF)
+        if self.mask is not None:
+            mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
+            mask = mask.expand(self.batch, self.heads, *mask.shape[2:])[batch.view(-1, 1), heads]
+            if mask.shape[-1] > 1:
+                index = positions.clamp_min(0).view(units, 1, 1, -1)
+                mask = mask.gather(-1, index.expand(*mask.shape[:-1], index.shape[-1]))
             if mask.dtype == torch.bool:
                 scores.masked_fill_(~mask, NEG_INF)
             else:

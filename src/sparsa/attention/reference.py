@@ -77,4 +77,5 @@ def reference_attention(
             tau=thresholds_of(scores, weights, head_alpha),
             support=(weights > 0).sum(-1),
             skipped_fraction=0.0,
+            unscored_key_blocks=torch.zeros(q.shape[1]),
         )

@@ -16,12 +16,16 @@ class AttentionStats:
     skipped_fraction: the share of the (Nq, Nk) score entries that the passes after the first
     (weights @ V and the whole backward) skip, being masked by causality or proven zero;
     threshold_passes (B, H, query tiles): for the Triton backend, the passes over the keys that
-    each tile of queries made to find tau (None for the other backends)."""
+    each tile of queries made to find tau (None for the other backends);
+    unscored_key_blocks (H,): for the blocked backend, the share of each head's (query block,
+    key block) pairs whose scores were never computed, the bounds having proven every weight in
+    them zero (zeros for the reference backend, None for Triton)."""
 
     tau: Tensor
     support: Tensor
     skipped_fraction: float
     threshold_passes: Tensor | None = None
+    unscored_key_blocks: Tensor | None = None
 
 
 def thresholds_of(scores: Tensor, weights: Tensor, alpha: float | Tensor) -> Tensor:
