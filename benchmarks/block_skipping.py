@@ -142,12 +142,12 @@ def alibi_heads(repeats: int) -> list[list[str]]:
 
     _, with_bounds = measure(attend, repeats)
     stats = attend()[1]
-    key_block = blocked.KEY_BLOCK
-    blocked.KEY_BLOCK = 1 << 40  # no key block spans two of them: the bounds never run
+    shortest = blocked.MIN_BOUNDED_KEYS
+    blocked.MIN_BOUNDED_KEYS = 1 << 40  # every key sequence is shorter: the bounds never run
     try:
         _, without = measure(attend, repeats)
     finally:
-        blocked.KEY_BLOCK = key_block
+        blocked.MIN_BOUNDED_KEYS = shortest
     unscored = f"{float(stats.unscored_key_blocks.mean()):.3f}"
     return [
         [

@@ -17,6 +17,7 @@ from test_attention import assert_same, head_alpha, make, run_both
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(blocked, "KEY_BLOCK", 8)
+    monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 32)
     monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 1 << 11)
 
 
@@ -165,6 +166,7 @@ def test_trained_like_heads():
 
 def test_gradcheck_fp64_with_blocks_ruled_out(monkeypatch):
     monkeypatch.setattr(blocked, "KEY_BLOCK", 2)
+    monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 8)
     monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 16)
     monkeypatch.setattr(blocked, "MIN_QUERY_BLOCK", 2)
     torch.manual_seed(4)
@@ -211,7 +213,7 @@ def test_the_statistic_counts_the_blocks_never_scored():
             )
         unscored.append(never / visible)
     torch.testing.assert_close(stats.unscored_key_blocks, torch.tensor(unscored))
-    assert stats.unscored_key_blocks[0] > 0.7 and stats.unscored_key_blocks[1] > 0.3
+    assert stats.unscored_key_blocks[0] > 0.6 and stats.unscored_key_blocks[1] > 0.3
     _, softmax_stats = sparsa.attention(
         q, k, v, alpha=1.0, is_causal=True, alibi_slopes=slopes, return_stats=True
     )

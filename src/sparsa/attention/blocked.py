@@ -38,6 +38,12 @@ KEY_BLOCK = 64
 BOUND_SLACK = 1e-4
 # Units with few live key blocks join a wider bucket when the padding costs less than this share.
 MERGE_SLACK = 0.05
+# Shorter key sequences are scored whole: measured on CPU (1k-token training steps), the bounds'
+# bookkeeping there costs more than the scores it saves.
+MIN_BOUNDED_KEYS = 2048
+# Up to this many units that score every key run their products one by one over views of the
+# keys; more units pay less per call for a copy of their keys and one batched product.
+PER_UNIT_LOOP_MAX = 8
 
 
 def query_block_size(batch: int, heads: int, n_k: int) -> int:
@@ -75,8 +81,16 @@ class _Bucket(NamedTuple):
         if self.units is None:
             return flat[:, :keys]
         if self.blocks is None:
-            return [flat[unit, :keys] for unit in self.units.tolist()]
+            if self.loops:
+                return [flat[unit, :keys] for unit in self.units.tolist()]
+            return flat[self.units, :keys]
         return flat[self.units.view(-1, 1), positions.clamp_min(0)]
+
+    @property
+    def loops(self) -> bool:
+        """Whether products run unit by unit over views of every key (few units, long keys) rather
+        than over a copy of the units' keys."""
+        return self.blocks is None and self.units is not None and self.units.numel() <= PER_UNIT_LOOP_MAX
 
     def rows_of(self, x: Tensor) -> Tensor:
         return x if self.units is None else x[self.units]
@@ -86,9 +100,11 @@ class _Bucket(NamedTuple):
         The spare last key row takes what padding positions receive (zeros)."""
         if self.units is None:
             grad[:, :keys].baddbmm_(a.transpose(-1, -2), b)
-        elif self.blocks is None:
+        elif self.loops:
             for i, unit in enumerate(self.units.tolist()):
                 grad[unit, :keys].addmm_(a[i].T, b[i])
+        elif self.blocks is None:
+            grad[self.units, :keys] += a.transpose(-1, -2) @ b
         else:
             index = (self.units.view(-1, 1), torch.where(positions >= 0, positions, grad.shape[1] - 1))
             grad.index_put_(index, a.transpose(-1, -2) @ b, accumulate=True)
@@ -174,8 +190,11 @@ class _Layout:
             if bucket.units is None:
                 self.scores(q_rows, k, start, end, rest, out=out[..., rest])
                 continue
-            for i, unit in enumerate(bucket.units.tolist()):
-                torch.mm(q_rows[unit], k[unit, rest].T, out=out[i, :, rest])
+            if bucket.loops:
+                for i, unit in enumerate(bucket.units.tolist()):
+                    torch.mm(q_rows[unit], k[unit, rest].T, out=out[i, :, rest])
+            else:
+                torch.bmm(q_rows[bucket.units], k[bucket.units, rest].transpose(-1, -2), out=out[..., rest])
             view = out[..., rest].view(units, self.group, end - start, -1)
             positions = torch.arange(rest.start, rest.stop, device=out.device).expand(units, -1)
             batch, heads = self.unit_batch[bucket.units], self.unit_heads[bucket.units]
@@ -321,7 +340,7 @@ class BlockedAttention(torch.autograd.Function):
         m = q.new_zeros(layout.batch, layout.heads, layout.n_q, dtype=layout.work)
         s = torch.full_like(m, float("inf"))
         support = torch.zeros(m.shape, dtype=torch.long, device=q.device)
-        bounds = _KeyBounds(flat_k) if layout.prunes and layout.n_k > 2 * KEY_BLOCK else None
+        bounds = _KeyBounds(flat_k) if layout.prunes and layout.n_k >= MIN_BOUNDED_KEYS else None
         plans, scored, visible_blocks = [], 0, 0
         unscored = torch.zeros(layout.units, device=q.device)
         start, block = 0, layout.block
@@ -367,10 +386,11 @@ class BlockedAttention(torch.autograd.Function):
                     layout.per_unit(support, plan.start, end, bucket, (weights > 0).sum(-1))
                 entries += scores.shape[0] * width
             scored += entries * q_rows.shape[1]
-            if bounds is not None:
-                # The next block holds as many score entries as the budget allows at this block's widths.
+            if entries < layout.units * keys:
+                # Blocks were ruled out: the next query block holds as many score entries as the
+                # budget allows at this block's widths.
                 block = max(
-                    MIN_QUERY_BLOCK, min(MAX_QUERY_BLOCK, SCORE_BLOCK_BUDGET // (entries * layout.group))
+                    layout.block, min(MAX_QUERY_BLOCK, SCORE_BLOCK_BUDGET // (entries * layout.group))
                 )
         ctx.save_for_backward(q, k, v, m, s, alpha_tensor)
         ctx.layout_args = (alpha, bias, scale, plans)
