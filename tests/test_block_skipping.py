@@ -31,7 +31,7 @@ def scored_keys(out, n_q, n_k):
             if bucket.blocks is None:
                 chosen = range(units) if bucket.units is None else bucket.units.tolist()
                 for unit in chosen:
-                    scored[unit, start:end, :keys] = True
+                    scored[unit, start:end, bucket.first : keys] = True
                 continue
             for unit, positions in zip(bucket.units.tolist(), bucket.positions(keys), strict=True):
                 scored[unit, start:end, positions[positions >= 0]] = True

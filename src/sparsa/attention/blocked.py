@@ -38,6 +38,9 @@ KEY_BLOCK = 64
 BOUND_SLACK = 1e-4
 # Units with few live key blocks join a wider bucket when the padding costs less than this share.
 MERGE_SLACK = 0.05
+# How far a query block grows once bounds rule blocks out: each row scores the seed, about half
+# the query block, so past this the seed costs more than the Python work per block saves.
+MAX_GROWN_QUERY_BLOCK = 128
 # Shorter key sequences are scored whole: measured on CPU (1k-token training steps), the bounds'
 # bookkeeping there costs more than the scores it saves.
 MIN_BOUNDED_KEYS = 2048
@@ -54,8 +57,8 @@ def query_block_size(batch: int, heads: int, n_k: int) -> int:
 class _Bucket(NamedTuple):
     """Units (b * Hkv + kv head) of one query block that score the same keys' count, and which.
 
-    Three kinds: ``units`` None is every unit over every visible key (the
-    dense case); ``blocks`` None is the listed units over every visible key;
+    Two kinds: with ``blocks`` None the units (``units`` None: every unit)
+    score the contiguous keys from ``first`` to the last visible one (a tail);
     otherwise unit ``units[i]`` scores key blocks ``blocks[i]`` (-1 pads) and
     then the seed keys, those near the query block that every unit scored first.
     """
@@ -63,11 +66,12 @@ class _Bucket(NamedTuple):
     units: Tensor | None
     blocks: Tensor | None
     seed: slice
+    first: int = 0
 
     def positions(self, keys: int) -> Tensor:
         """(U, W) indices of the keys scored, -1 where a padding block holds none."""
         if self.blocks is None:
-            return torch.arange(keys, device=self.units.device).expand(self.units.numel(), -1)
+            return torch.arange(self.first, keys, device=self.units.device).expand(self.units.numel(), -1)
         units = self.blocks.shape[0]
         offsets = torch.arange(KEY_BLOCK, device=self.blocks.device)
         gathered = (self.blocks[..., None] * KEY_BLOCK + offsets).view(units, -1)
@@ -75,15 +79,23 @@ class _Bucket(NamedTuple):
         seed = torch.arange(self.seed.start, self.seed.stop, device=self.blocks.device)
         return torch.cat([gathered, seed.expand(units, -1)], -1)
 
+    def unscored(self, keys: int) -> Tensor | int:
+        """How many of the visible key blocks each unit leaves unscored."""
+        visible = -(-keys // KEY_BLOCK)
+        if self.blocks is None:
+            return visible - -(-(keys - self.first) // KEY_BLOCK)
+        seed_blocks = -(-(self.seed.stop - self.seed.start) // KEY_BLOCK)
+        return visible - seed_blocks - (self.blocks >= 0).sum(-1)
+
     def keys_of(self, flat: Tensor, keys: int, positions: Tensor | None) -> Tensor | list[Tensor]:
         """The bucket's rows of flat keys or values (B * Hkv, Nk, X): one tensor (U, W, X), or for
         the listed units over every key, a view per unit (no copy)."""
         if self.units is None:
-            return flat[:, :keys]
+            return flat[:, self.first : keys]
         if self.blocks is None:
             if self.loops:
-                return [flat[unit, :keys] for unit in self.units.tolist()]
-            return flat[self.units, :keys]
+                return [flat[unit, self.first : keys] for unit in self.units.tolist()]
+            return flat[self.units, self.first : keys]
         return flat[self.units.view(-1, 1), positions.clamp_min(0)]
 
     @property
@@ -99,12 +111,12 @@ class _Bucket(NamedTuple):
         """grad (B * Hkv, Nk + 1, X) += a^T b at the bucket's keys; a (U, rows, W), b (U, rows, X).
         The spare last key row takes what padding positions receive (zeros)."""
         if self.units is None:
-            grad[:, :keys].baddbmm_(a.transpose(-1, -2), b)
+            grad[:, self.first : keys].baddbmm_(a.transpose(-1, -2), b)
         elif self.loops:
             for i, unit in enumerate(self.units.tolist()):
-                grad[unit, :keys].addmm_(a[i].T, b[i])
+                grad[unit, self.first : keys].addmm_(a[i].T, b[i])
         elif self.blocks is None:
-            grad[self.units, :keys] += a.transpose(-1, -2) @ b
+            grad[self.units, self.first : keys] += a.transpose(-1, -2) @ b
         else:
             index = (self.units.view(-1, 1), torch.where(positions >= 0, positions, grad.shape[1] - 1))
             grad.index_put_(index, a.transpose(-1, -2) @ b, accumulate=True)
@@ -180,22 +192,26 @@ class _Layout:
         return out
 
     def scores_around(self, bucket: _Bucket, q_rows, k, seed_scores, start: int, end: int, keys: int):
-        """A dense bucket's scores over keys [0, keys): the seed's copied, the rest computed."""
+        """A tail's scores over keys [first, keys): the seed's copied, the rest computed."""
         units = q_rows.shape[0] if bucket.units is None else bucket.units.numel()
-        out = q_rows.new_empty(units, q_rows.shape[1], keys)
-        out[..., bucket.seed] = bucket.rows_of(seed_scores)
-        for rest in (slice(0, bucket.seed.start), slice(bucket.seed.stop, keys)):
+        first, seed = bucket.first, bucket.seed
+        if first == seed.start and seed.stop == keys:
+            return bucket.rows_of(seed_scores)
+        out = q_rows.new_empty(units, q_rows.shape[1], keys - first)
+        out[..., seed.start - first : seed.stop - first] = bucket.rows_of(seed_scores)
+        for rest in (slice(first, seed.start), slice(seed.stop, keys)):
             if rest.stop == rest.start:
                 continue
+            held = out[..., rest.start - first : rest.stop - first]
             if bucket.units is None:
-                self.scores(q_rows, k, start, end, rest, out=out[..., rest])
+                self.scores(q_rows, k, start, end, rest, out=held)
                 continue
             if bucket.loops:
                 for i, unit in enumerate(bucket.units.tolist()):
-                    torch.mm(q_rows[unit], k[unit, rest].T, out=out[i, :, rest])
+                    torch.mm(q_rows[unit], k[unit, rest].T, out=held[i])
             else:
-                torch.bmm(q_rows[bucket.units], k[bucket.units, rest].transpose(-1, -2), out=out[..., rest])
-            view = out[..., rest].view(units, self.group, end - start, -1)
+                torch.bmm(q_rows[bucket.units], k[bucket.units, rest].transpose(-1, -2), out=held)
+            view = held.view(units, self.group, end - start, -1)
             positions = torch.arange(rest.start, rest.stop, device=out.device).expand(units, -1)
             batch, heads = self.unit_batch[bucket.units], self.unit_heads[bucket.units]
             self.bias.apply_at_(view, start, end, batch, heads, positions)
@@ -206,7 +222,7 @@ class _Layout:
         (from :meth:`_Bucket.keys_of`) at ``positions``."""
         scores = _times(bucket.rows_of(q_rows), k, transpose=True)
         if bucket.units is None:
-            self.bias.apply_(scores.view(self.batch, self.heads, end - start, -1), start, end)
+            self.bias.apply_(scores.view(self.batch, self.heads, end - start, -1), start, end, bucket.first)
         else:
             units = bucket.units
             view = scores.view(units.numel(), self.group, end - start, -1)
@@ -267,8 +283,9 @@ class _KeyBounds:
             return None, candidates
         alpha = torch.as_tensor(layout.row_alpha(start, end), dtype=layout.work, device=q_rows.device)
         alpha = alpha.view(-1) if alpha.dim() else alpha
-        # No weight exceeds 1, so a row's threshold is at least its largest score less 1 / (alpha - 1),
-        # and the seed's largest score is at most the row's (docs/mathematics.md).
+        # No weight exceeds 1, so a row's cut-off is at least its largest score less 1 / (alpha - 1),
+        # and the seed's largest score is at most the row's (docs/mathematics.md). (The exact
+        # threshold of the seed's top scores ruled out no more blocks on the lookup model, at 20x the cost.)
         largest = seed_scores.amax(-1).view(-1)
         cutoff = torch.where(alpha > 1, largest - 1 / (alpha - 1).clamp_min(1e-30), float("-inf"))
         # A +inf score makes its row NaN: NaN keeps every block, as the dense path would.
@@ -286,38 +303,52 @@ class _KeyBounds:
 
 
 def _buckets(live: Tensor, candidates: Tensor, seed: slice) -> list[_Bucket]:
-    """The units of a query block grouped by how many key blocks they score.
+    """The units of a query block grouped by the keys they score.
 
-    Units whose every block is live score every key, without gathering; the
-    others are grouped by their count of live blocks rounded up to a power of
-    two (padded with -1), and a small group joins the next larger one when
-    the padding costs less than MERGE_SLACK of the block's work.
+    A unit whose live blocks lie before the seed and fill at least half of
+    the span from the first of them to the seed scores that span as a tail:
+    contiguous keys, no gathering (ALiBi heads keep the blocks next to the
+    seed; a unit where every block is live scores every key). Tails are
+    grouped by where they start, and the others by their count of live blocks
+    rounded up to a power of two (padded with -1); a group joins the next
+    wider one when the padding costs less than MERGE_SLACK of the block's work.
     """
+    seed_block = seed.start // KEY_BLOCK
+    before = candidates < seed_block
     counts = live.sum(-1)
-    n_candidates = candidates.numel()
+    first_live = torch.where(live & before, candidates, seed_block).amin(-1)
+    tails = ((counts == candidates.numel()) | ~(live & ~before).any(-1)) & (
+        2 * counts >= seed_block - first_live
+    )
+    first_live = torch.where(counts == candidates.numel(), 0, first_live)
     widths = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp_min(1))), 0).long()
-    widths = widths.clamp_max(n_candidates)
-    full = widths == n_candidates
-    if bool(full.all()):
-        return [_Bucket(None, None, seed)]
-    seed_keys = seed.stop - seed.start
-    work = float((widths * KEY_BLOCK + seed_keys).sum())
+    widths = widths.clamp_max(candidates.numel())
+    keys_before = torch.where(tails, (seed_block - first_live) * KEY_BLOCK, widths * KEY_BLOCK)
+    work = MERGE_SLACK * float(keys_before.sum() + (seed.stop - seed.start) * live.shape[0])
+    buckets = []
+    # Tails from the shortest on; a group joins the next longer one when its padding is cheap.
     groups: list[tuple[int, list[int]]] = []
-    for width in torch.unique(widths[~full]).tolist():
-        units = torch.nonzero((widths == width) & ~full).view(-1).tolist()
-        if groups and len(groups[-1][1]) * (width - groups[-1][0]) * KEY_BLOCK <= MERGE_SLACK * work:
+    for first in sorted(set(first_live[tails].tolist()), reverse=True):
+        units = torch.nonzero(tails & (first_live == first)).view(-1).tolist()
+        if groups and len(groups[-1][1]) * (groups[-1][0] - first) * KEY_BLOCK <= work:
+            units = groups.pop()[1] + units
+        groups.append((first, units))
+    for first, unit_list in groups:
+        units = None if len(unit_list) == live.shape[0] else torch.tensor(unit_list, device=live.device)
+        buckets.append(_Bucket(units, None, seed, first * KEY_BLOCK))
+    groups = []
+    for width in torch.unique(widths[~tails]).tolist():
+        units = torch.nonzero((widths == width) & ~tails).view(-1).tolist()
+        if groups and len(groups[-1][1]) * (width - groups[-1][0]) * KEY_BLOCK <= work:
             units = groups.pop()[1] + units
         groups.append((width, units))
     # Live blocks first, in key order (a stable sort of "not live").
     order = torch.sort((~live).to(torch.uint8), dim=-1, stable=True).indices
-    buckets = []
     for width, unit_list in groups:
         units = torch.tensor(unit_list, device=live.device)
         blocks = candidates[order[units, :width]]
         blocks = torch.where(torch.arange(width, device=live.device) < counts[units, None], blocks, -1)
         buckets.append(_Bucket(units, blocks, seed))
-    if bool(full.any()):
-        buckets.append(_Bucket(torch.nonzero(full).view(-1), None, seed))
     return buckets
 
 
@@ -344,6 +375,7 @@ class BlockedAttention(torch.autograd.Function):
         plans, scored, visible_blocks = [], 0, 0
         unscored = torch.zeros(layout.units, device=q.device)
         start, block = 0, layout.block
+        backoff, rest_before_bounds = 1, 0
         while start < layout.n_q:
             end = min(start + block, layout.n_q)
             keys = bias.key_end(end)
@@ -354,18 +386,28 @@ class BlockedAttention(torch.autograd.Function):
                 continue
             visible_blocks += -(-keys // KEY_BLOCK)
             q_rows = scale * layout.grouped(q, plan.start, end)
-            seed = layout.seed(plan.start, end, keys) if bounds is not None else slice(0, keys)
+            seed = slice(0, keys)
+            if bounds is not None and rest_before_bounds == 0:
+                seed = layout.seed(plan.start, end, keys)
             seed_scores = layout.scores(q_rows, flat_k, plan.start, end, seed)
             live, candidates = None, None
             if seed.stop - seed.start < keys:
                 live, candidates = bounds.live(layout, q_rows, seed_scores, plan.start, end, keys, seed)
             if live is None:
                 plan.buckets.append(_Bucket(None, None, seed))
+                rest_before_bounds = max(0, rest_before_bounds - 1)
+            elif bool(live.all()):
+                # Nothing ruled out: try again after twice as many query blocks as last time, so
+                # that bounds cost little where they never pay (Gaussian scores, dense heads).
+                plan.buckets.append(_Bucket(None, None, seed))
+                backoff = 2 * backoff
+                rest_before_bounds = backoff
             else:
                 plan.buckets.extend(_buckets(live, candidates, seed))
-                unscored += (~live).sum(-1)
+                backoff = 1
             entries = 0
             for bucket in plan.buckets:
+                unscored[slice(None) if bucket.units is None else bucket.units] += bucket.unscored(keys)
                 positions = None if bucket.units is None else bucket.positions(keys)
                 if bucket.blocks is None:
                     scores = layout.scores_around(bucket, q_rows, flat_k, seed_scores, plan.start, end, keys)
@@ -389,9 +431,8 @@ class BlockedAttention(torch.autograd.Function):
             if entries < layout.units * keys:
                 # Blocks were ruled out: the next query block holds as many score entries as the
                 # budget allows at this block's widths.
-                block = max(
-                    layout.block, min(MAX_QUERY_BLOCK, SCORE_BLOCK_BUDGET // (entries * layout.group))
-                )
+                grown = min(MAX_GROWN_QUERY_BLOCK, SCORE_BLOCK_BUDGET // (entries * layout.group))
+                block = max(layout.block, grown)
         ctx.save_for_backward(q, k, v, m, s, alpha_tensor)
         ctx.layout_args = (alpha, bias, scale, plans)
         skipped = torch.tensor(1 - scored / max(1, layout.batch * layout.heads * layout.n_q * layout.n_k))
