@@ -1,5 +1,6 @@
 """Hugging Face integration: converted tiny Llama and Qwen2 models against attention written out by hand."""
 
+import copy
 import importlib
 import math
 import runpy
@@ -416,13 +417,12 @@ def test_unconverted_modules_and_unsupported_options_raise():
     model.set_attn_implementation("sparsa")
     with pytest.raises(ValueError, match="sparsify"):
         model(torch.randint(4, VOCAB, (1, 5)))
-    sliding = _tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
-    with pytest.raises(ValueError, match="sliding_attention"):
-        sparsify(sliding)
     module = attention_modules(sparsify(_tiny("llama")))[0]
     q = torch.randn(1, 4, 3, 8)
-    with pytest.raises(ValueError, match="sliding_window"):
-        sparsa_attention(module, q, q[:, :2], q[:, :2], None, sliding_window=2)
+    with pytest.raises(ValueError, match="causal sliding windows only"):
+        sparsa_attention(module, q, q[:, :2], q[:, :2], None, is_causal=False, sliding_window=1)
+    with pytest.raises(ValueError, match="soft-capped"):
+        sparsa_attention(module, q, q[:, :2], q[:, :2], None, softcap=30.0)
 
 
 def test_the_fine_tuning_example_runs(tmp_path, monkeypatch, capsys):
@@ -495,11 +495,36 @@ def test_a_nan_in_a_converted_model_reaches_the_logits_of_later_positions_only()
     assert bool(nan_positions[0, 5:].all()) and not bool(nan_positions[1].any())
 
 
-def test_a_sliding_window_shorter_than_the_keys_is_refused_by_name():
-    model = sparsify(_tiny("mistral", sliding_window=4), 1.5)
-    with pytest.raises(ValueError, match="sliding_window=4, 12 keys"):
-        model(torch.randint(4, VOCAB, (1, 12)))
-    assert model(torch.randint(4, VOCAB, (1, 4))).logits.shape == (1, 4, VOCAB)
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
+def test_sliding_window_layers_match_the_original_and_generate_alike(family):
+    """Windows of 4 tokens over 12: every windowed layer hides keys, with and without padding."""
+    torch.manual_seed(0)
+    if family == "gemma3":  # a hybrid stack: a sliding-window layer, then a full one
+        config = transformers.Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+        original = transformers.Gemma3ForCausalLM(config).eval()
+    elif family == "qwen2":
+        original = _tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    else:
+        original = _tiny("mistral", sliding_window=4)
+    model = sparsify(copy.deepcopy(original), 1.0)
+    ids, mask = _left_padded_batch(length=12)
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            expected = original(ids, attention_mask=attention_mask).logits
+            got = model(ids, attention_mask=attention_mask).logits
+            keep = slice(None) if attention_mask is None else attention_mask.bool()
+            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    prompt = ids[:1]
+    assert torch.equal(
+        model.generate(prompt, max_new_tokens=6, do_sample=False),
+        original.generate(prompt, max_new_tokens=6, do_sample=False),
+    )
+    with pytest.raises(ValueError, match=r"window \(4\) is shorter than its \d+ keys"):
+        _generate(model, ids, mask, 3, PagedCache(model, page_size=4))
 
 
 def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys):

@@ -215,6 +215,16 @@ class ScoreBias:
         return scores
 
 
+def sliding_window_mask(n_q: int, n_k: int, window: int, device: torch.device | None = None) -> Tensor:
+    """(1, 1, Nq, Nk) bool, True = keep: causal, each query seeing its ``window`` most recent keys
+    (itself included), with query i at position Nk - Nq + i as everywhere here."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    q_pos = torch.arange(n_q, device=device).view(-1, 1) + (n_k - n_q)
+    k_pos = torch.arange(n_k, device=device).view(1, -1)
+    return ((k_pos <= q_pos) & (k_pos > q_pos - window)).view(1, 1, n_q, n_k)
+
+
 def _check_mask(mask: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"attn_mask must be a tensor, a KeyPadding or None, got {type(mask).__name__}")

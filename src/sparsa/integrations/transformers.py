@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import BACKENDS, DecodeStats, KeyPadding, PagedKVCache, attention, decode
+from ..attention.masks import sliding_window_mask
 from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
 from ..layers.attention import row_map_parameters, weighting_options
 from ..normalize._validate import compute_dtype
@@ -161,16 +162,27 @@ def sparsa_attention(
     n_q = query.shape[2]
     n_k = key.shape[2] if pages is None else pages.positions
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    window = kwargs.get("sliding_window")
-    if window is not None and not (causal and n_k <= window):
-        # A causal window at least as long as the keys hides none of them: plain causal attention.
-        raise ValueError(
-            f"sparsa attention does not implement sliding-window attention (sliding_window={window!r}, "
-            f"{n_k} keys)"
-        )
     if attention_mask is not None:
         attention_mask = _fit_mask(attention_mask, n_k)
-    elif causal and 1 < n_q < n_k and pages is None:
+    window = kwargs.get("sliding_window")
+    # A causal window at least as long as the keys hides none of them: plain causal attention.
+    if window is not None and n_k > window:
+        if not causal:
+            raise ValueError(
+                f"sparsa attention implements causal sliding windows only (sliding_window={window})"
+            )
+        if pages is not None:
+            raise ValueError(
+                f"a PagedCache decodes full-attention layers; this layer's window ({window}) is shorter "
+                f"than its {n_k} keys: generate with transformers' dynamic cache"
+            )
+        # A mask from transformers is the truth (it holds the window where the layer has one, as
+        # eager attention reads it); without one, the window is what flash kernels would apply.
+        if attention_mask is None:
+            attention_mask = sliding_window_mask(n_q, n_k, window, query.device).expand(
+                query.shape[0], 1, -1, -1
+            )
+    elif attention_mask is None and causal and 1 < n_q < n_k and pages is None:
         # transformers leaves out the mask here only when prefilling an empty static cache: the
         # queries are the first keys and the rest are unwritten slots (torch SDPA's upper-left causal mask).
         key, value, n_k = key[:, :, :n_q], value[:, :, :n_q], n_q
@@ -525,9 +537,11 @@ def _quiet_loading():
 
 def _check_supported(config) -> None:
     layer_types = getattr(config, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
     if other:
-        raise ValueError(f"sparsa attention implements full attention only; this model has layers {other}")
+        raise ValueError(
+            f"sparsa attention implements full and sliding-window attention; this model has layers {other}"
+        )
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(
             "sparsa attention does not implement soft-capped scores (attn_logit_softcapping is set)"
