@@ -531,8 +531,10 @@ def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys
     from sparsa.benchmarks import hf
 
     assert {"llama", "gpt_neox", "bloom"} <= set(hf.architectures())
-    rows = {row["model_type"]: row for row in hf.run(["llama", "gpt_neox", "bloom"])["rows"]}
-    assert rows["llama"]["status"] == rows["gpt_neox"]["status"] == "converts"
+    rows = {row["model_type"]: row for row in hf.run(["llama", "gpt_neox", "bloom", "mistral"])["rows"]}
+    assert rows["llama"]["status"] == rows["gpt_neox"]["status"] == rows["mistral"]["status"] == "converts"
+    assert rows["llama"]["paged"] == rows["gpt_neox"]["paged"] == "same"
+    assert "window (4) is shorter" in rows["mistral"]["paged"]
     assert rows["llama"]["max_logit_difference"] <= hf.MATCH
     assert rows["bloom"]["status"] == "refused" and "attention module" in rows["bloom"]["reason"]
     assert main(["bench", "hf", "--models", "llama", "--out", str(tmp_path)]) == 0

@@ -48,6 +48,8 @@ TINY = {
 a config that refuses one of them is built again without it. The sliding window of 4 (for
 families whose config has one) makes windowed layers hide keys within the 12 tokens of the check."""
 TOKENS = 12
+GENERATED = 6
+"""Tokens generated greedily in the PagedCache check."""
 MAX_PARAMETERS = 5_000_000
 """Families whose config keeps larger sizes than TINY sets (vocabularies, widths) are not built."""
 MATCH = 1e-5
@@ -90,7 +92,29 @@ def check(model_type: str) -> dict:
         return {**row, "status": "refused", "reason": _one_line(error)}
     difference = float((converted.float() - original.float()).abs().max())
     status = "converts" if difference <= MATCH else "differs"
-    return {**row, "status": status, "max_logit_difference": difference}
+    return {**row, "status": status, "max_logit_difference": difference, "paged": _paged_generation(config)}
+
+
+def _paged_generation(config) -> str:
+    """Whether greedy generation from 12 tokens with a PagedCache gives the tokens of transformers'
+    dynamic cache, both converted to 1.5-entmax: "same", "differs", or why it is refused."""
+    import transformers
+
+    from ..integrations.transformers import PagedCache, sparsify
+
+    torch.manual_seed(0)
+    model = sparsify(transformers.AutoModelForCausalLM.from_config(config).eval(), 1.5)
+    ids = torch.randint(4, TINY["vocab_size"], (1, TOKENS))
+    options = {"max_new_tokens": GENERATED, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    names = getattr(transformers.generation.utils, "ALL_CACHE_NAMES", ())
+    cache_argument = "cache" if "cache" in names else "past_key_values"
+    try:
+        with torch.no_grad():
+            dense = model.generate(ids, **options)
+            paged = model.generate(ids, **options, **{cache_argument: PagedCache(model)})
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+        return _one_line(error)
+    return "same" if torch.equal(dense, paged) else "differs"
 
 
 def _tiny_config(transformers, model_type: str):
@@ -128,12 +152,13 @@ def run(model_types: list[str]) -> dict:
 
 
 def markdown_table(result: dict) -> str:
-    headers = ["architecture", "result", "max logit difference", "reason"]
+    headers = ["architecture", "result", "max logit difference", "PagedCache generation", "reason"]
     rows = []
     for row in result["rows"]:
         difference = row.get("max_logit_difference")
         shown = "" if difference is None else f"{difference:.1e}"
-        rows.append([row["model_type"], row["status"], shown, row.get("reason", "").replace("|", "\\|")])
+        cells = [row["model_type"], row["status"], shown, row.get("paged", ""), row.get("reason", "")]
+        rows.append([cell.replace("|", "\\|") for cell in cells])
     counts = Counter(row["status"] for row in result["rows"])
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     table = markdown(headers, {"max logit difference"}, rows)
