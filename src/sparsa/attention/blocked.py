@@ -12,6 +12,12 @@ backward recomputes each block's weights from them (docs/mathematics.md, section
 
 Grouped-query heads are handled by grouping the queries of the heads that
 share a key/value head, so K and V are never repeated.
+
+From MIN_BOUNDED_KEYS keys on, a query block first scores its seed (the keys
+near it), and key blocks whose upper bound (key minima and maxima, ALiBi
+distance, masks) falls below every row's cut-off are never scored, forward or
+backward; each query block's plan (:class:`_Plan`) records which keys each
+unit scored (docs/mathematics.md, "Key blocks ruled out before they are scored").
 """
 
 from __future__ import annotations
