@@ -333,21 +333,17 @@ def _buckets(live: Tensor, candidates: Tensor, seed: slice) -> list[_Bucket]:
     work = MERGE_SLACK * float(keys_before.sum() + (seed.stop - seed.start) * live.shape[0])
     buckets = []
     # Tails from the shortest on; a group joins the next longer one when its padding is cheap.
-    groups: list[tuple[int, list[int]]] = []
-    for first in sorted(set(first_live[tails].tolist()), reverse=True):
-        units = torch.nonzero(tails & (first_live == first)).view(-1).tolist()
-        if groups and len(groups[-1][1]) * (groups[-1][0] - first) * KEY_BLOCK <= work:
-            units = groups.pop()[1] + units
-        groups.append((first, units))
+    firsts = sorted(set(first_live[tails].tolist()), reverse=True)
+    groups = _merged(
+        firsts, lambda first: torch.nonzero(tails & (first_live == first)).view(-1).tolist(), work
+    )
     for first, unit_list in groups:
         units = None if len(unit_list) == live.shape[0] else torch.tensor(unit_list, device=live.device)
         buckets.append(_Bucket(units, None, seed, first * KEY_BLOCK))
-    groups = []
-    for width in torch.unique(widths[~tails]).tolist():
-        units = torch.nonzero((widths == width) & ~tails).view(-1).tolist()
-        if groups and len(groups[-1][1]) * (width - groups[-1][0]) * KEY_BLOCK <= work:
-            units = groups.pop()[1] + units
-        groups.append((width, units))
+    widths_used = torch.unique(widths[~tails]).tolist()
+    groups = _merged(
+        widths_used, lambda width: torch.nonzero((widths == width) & ~tails).view(-1).tolist(), work
+    )
     # Live blocks first, in key order (a stable sort of "not live").
     order = torch.sort((~live).to(torch.uint8), dim=-1, stable=True).indices
     for width, unit_list in groups:
@@ -356,6 +352,18 @@ def _buckets(live: Tensor, candidates: Tensor, seed: slice) -> list[_Bucket]:
         blocks = torch.where(torch.arange(width, device=live.device) < counts[units, None], blocks, -1)
         buckets.append(_Bucket(units, blocks, seed))
     return buckets
+
+
+def _merged(keys: list[int], units_of, budget: float) -> list[tuple[int, list[int]]]:
+    """Groups (key, units) in the order of ``keys`` (block counts or starts, cheapest first); a
+    group joins the next when padding its units to the next key costs at most ``budget`` keys."""
+    groups: list[tuple[int, list[int]]] = []
+    for key in keys:
+        units = units_of(key)
+        if groups and len(groups[-1][1]) * abs(key - groups[-1][0]) * KEY_BLOCK <= budget:
+            units = groups.pop()[1] + units
+        groups.append((key, units))
+    return groups
 
 
 class _Plan(NamedTuple):

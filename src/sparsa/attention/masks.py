@@ -122,16 +122,24 @@ class ScoreBias:
         if self.padding_lengths is not None:
             k_pos = torch.arange(k_start, k_end, device=self.device).view(1, -1)
             lengths = self.padding_lengths
-            pad = k_pos >= lengths if self.padding_side == "right" else k_pos < self.n_k - lengths
+            pad = self._is_padding(k_pos, k_pos, lengths)
             scores.masked_fill_(pad, NEG_INF)
         if self.mask is not None:
-            mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
+            mask = self._mask_rows(q_start, q_end)
             mask = mask[..., k_start:k_end] if mask.shape[-1] > 1 else mask
             if mask.dtype == torch.bool:
                 scores.masked_fill_(~mask, NEG_INF)
             else:
                 scores.add_(mask.to(scores.dtype))
         return scores
+
+    def _mask_rows(self, q_start: int, q_end: int) -> Tensor:
+        """The explicit mask's rows of queries q_start:q_end (all of it when it broadcasts over queries)."""
+        return self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
+
+    def _is_padding(self, first: Tensor, last: Tensor, lengths: Tensor) -> Tensor:
+        """Whether the keys from ``first`` to ``last`` (a key: first = last) are all padding."""
+        return first >= lengths if self.padding_side == "right" else last < self.n_k - lengths
 
     def block_bound(self, q_start: int, q_end: int, blocks: Tensor, block: int, dtype: torch.dtype) -> Tensor:
         """An upper bound on the bias of each key block for each query, (B|1, H|1, rows, len(blocks)).
@@ -154,14 +162,14 @@ class ScoreBias:
             bound = bound + slopes * nearest
         if self.padding_lengths is not None:
             lengths = self.padding_lengths
-            hidden = first >= lengths if self.padding_side == "right" else last < self.n_k - lengths
+            hidden = self._is_padding(first, last, lengths)
             bound = torch.where(hidden, NEG_INF, bound)
         if self.mask is not None:
             bound = bound + self._mask_block_maxima(q_start, q_end, blocks, block, dtype)
         return bound
 
     def _mask_block_maxima(self, q_start: int, q_end: int, blocks: Tensor, block: int, dtype) -> Tensor:
-        mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
+        mask = self._mask_rows(q_start, q_end)
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill_(~mask, NEG_INF)
         mask = mask.to(dtype)
@@ -198,12 +206,12 @@ class ScoreBias:
             hidden = k_pos > q_pos if hidden is None else hidden | (k_pos > q_pos)
         if self.padding_lengths is not None:
             lengths = self.padding_lengths.view(-1)[batch].view(units, 1, 1, 1)
-            pad = k_pos >= lengths if self.padding_side == "right" else k_pos < self.n_k - lengths
+            pad = self._is_padding(k_pos, k_pos, lengths)
             hidden = pad if hidden is None else hidden | pad
         if hidden is not None:
             scores.masked_fill_(hidden, NEG_INF)
         if self.mask is not None:
-            mask = self.mask[..., q_start:q_end, :] if self.mask.shape[-2] > 1 else self.mask
+            mask = self._mask_rows(q_start, q_end)
             mask = mask.expand(self.batch, self.heads, *mask.shape[2:])[batch.view(-1, 1), heads]
             if mask.shape[-1] > 1:
                 index = positions.clamp_min(0).view(units, 1, 1, -1)
