@@ -278,15 +278,14 @@ class _KeyBounds:
         keys: int,
         seed: slice,
     ):
-        """(B * Hkv, n) bool over the key blocks outside the seed (also returned, (n,)): which a unit
-        must score because some row's bound on them reaches the threshold of the seed keys alone."""
+        """(B * Hkv, n) bool over the key blocks outside the seed (also returned, (n,); the seed
+        leaves at least one): which a unit must score because some row's bound on them reaches
+        the cut-off that the seed keys alone prove."""
         n_blocks = -(-keys // KEY_BLOCK)
         candidates = torch.arange(n_blocks, device=q_rows.device)
         candidates = candidates[
             (candidates < seed.start // KEY_BLOCK) | (candidates * KEY_BLOCK >= seed.stop)
         ]
-        if candidates.numel() == 0:
-            return None, candidates
         alpha = torch.as_tensor(layout.row_alpha(start, end), dtype=layout.work, device=q_rows.device)
         alpha = alpha.view(-1) if alpha.dim() else alpha
         # No weight exceeds 1, so a row's cut-off is at least its largest score less 1 / (alpha - 1),
