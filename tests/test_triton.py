@@ -273,3 +273,18 @@ def test_softmax_and_unsupported_inputs():
         sparsa.attention(
             q, k, v, backend="triton", attn_mask=torch.ones(20, 20, dtype=torch.bool, device=DEVICE)
         )
+
+
+@pytest.mark.parametrize(
+    ("n_q", "n_k", "window", "padding"),
+    [(100, 100, 7, "none"), (1, 130, 40, "left"), (40, 130, 64, "right"), (17, 17, 17, "left")],
+)
+def test_sliding_windows(n_q, n_k, window, padding):
+    """Key tiles wholly before every row's window are never loaded; the rest match the reference."""
+    q, k, v = _inputs(2, 4, 2, n_q, n_k, 16, torch.float32)
+    mask = None if padding == "none" else KeyPadding(torch.tensor([n_k, n_k // 2], device=DEVICE), padding)
+    _compare(q, k, v, torch.float32, alpha=1.5, is_causal=True, window=window, attn_mask=mask)
+    _, stats = sparsa.attention(
+        q, k, v, alpha=1.5, is_causal=True, window=window, attn_mask=mask, backend="triton", return_stats=True
+    )
+    assert bool((stats.support <= window).all())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ def attention(
     *,
     alpha: float | Tensor = 1.5,
     is_causal: bool = False,
+    window: int | None = None,
     attn_mask: Tensor | KeyPadding | None = None,
     scale: float | None = None,
     alibi_slopes: Tensor | None = None,
@@ -55,6 +56,11 @@ def attention(
             a tensor (H,) with one alpha per head, whose gradient is computed.
         is_causal: each query sees keys up to its position; with Nq <= Nk
             query i sits at position Nk - Nq + i (chunked prefill, decoding).
+        window: with ``is_causal``, each query sees at most its ``window`` most
+            recent keys, itself included (a sliding window, as in Mistral and
+            Gemma); key blocks wholly outside every row's window are never
+            scored, so the cost is O(N window). A window at least Nk long is
+            plain causal attention.
         attn_mask: bool (True = keep) or float (added to the scores) tensor
             broadcastable to (B, H, Nq, Nk), or a :class:`KeyPadding` of
             per-batch key counts (left or right padding) without a mask tensor.
@@ -103,6 +109,7 @@ def attention(
         raise ValueError(
             f"is_causal needs Nq <= Nk (queries aligned to the end of the keys), got {n_q} > {k.shape[2]}"
         )
+    _check_window(window, is_causal)
     alpha = _check_alpha(alpha, heads, q.device)
     scale = 1 / math.sqrt(dim) if scale is None else _check_scale(scale)
     if backend not in (*BACKENDS, "auto"):
@@ -122,6 +129,7 @@ def attention(
         attn_mask=attn_mask,
         alibi_slopes=alibi_slopes,
         device=q.device,
+        window=None if window is None else int(window),
     )
     if row_map is not None:
         return _row_map_attention(
@@ -197,6 +205,15 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"heads of q ({q.shape[1]}) must be a multiple of heads of k and v ({k.shape[1]})")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+
+
+def _check_window(window: int | None, is_causal: bool) -> None:
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, Integral) or window < 1:
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    if not is_causal:
+        raise ValueError("window needs is_causal=True: a sliding window holds the most recent keys")
 
 
 def _check_alpha(alpha: float | Tensor, heads: int, device: torch.device) -> float | Tensor:

@@ -89,7 +89,7 @@ class _Bucket(NamedTuple):
         """How many of the visible key blocks each unit leaves unscored."""
         visible = -(-keys // KEY_BLOCK)
         if self.blocks is None:
-            return visible - -(-(keys - self.first) // KEY_BLOCK)
+            return self.first // KEY_BLOCK
         seed_blocks = -(-(self.seed.stop - self.seed.start) // KEY_BLOCK)
         return visible - seed_blocks - (self.blocks >= 0).sum(-1)
 
@@ -151,6 +151,10 @@ class _Layout:
         self.bias = bias
         self.alpha = alpha
         self.block = query_block_size(self.batch, self.heads, self.n_k)
+        if bias.window is not None:
+            # Each row scores the block's span plus the window: blocks about as long as the window
+            # keep the scores outside every row's window under half of those computed.
+            self.block = max(MIN_QUERY_BLOCK, min(self.block, bias.window))
         self.compiled = wants_compiled(self.batch * self.heads * self.block * self.n_k, q.device)
         unit = torch.arange(self.units, device=q.device)
         self.unit_batch = unit // self.kv_heads
@@ -159,10 +163,15 @@ class _Layout:
         )
 
     def blocks(self):
-        """Query blocks (start, end, keys visible) of the default size, before any plan."""
+        """Query blocks (start, end, first key visible, end of the keys visible) of the default size,
+        before any plan."""
         for start in range(0, self.n_q, self.block):
             end = min(start + self.block, self.n_q)
-            yield start, end, self.bias.key_end(end)
+            yield start, end, self.bias.key_start(start), self.bias.key_end(end)
+
+    def reach(self, start: int) -> int:
+        """The first key of the first key block that a query block from ``start`` on can see."""
+        return self.bias.key_start(start) // KEY_BLOCK * KEY_BLOCK
 
     def grouped(self, x: Tensor, start: int, end: int) -> Tensor:
         """Rows start:end of a (B, H, Nq, X) tensor as (B * Hkv, group * rows, X) in the compute dtype."""
@@ -248,8 +257,9 @@ class _Layout:
         return bool((torch.as_tensor(self.alpha) > 1).any())
 
     def seed(self, start: int, end: int, keys: int) -> slice:
-        """The whole key blocks from one block before the queries' positions on, up to ``keys``."""
-        first = max(0, (self.bias.offset + start) // KEY_BLOCK - 1) * KEY_BLOCK
+        """The whole key blocks from one block before the queries' positions on (within the
+        window), up to ``keys``."""
+        first = max(self.reach(start), ((self.bias.offset + start) // KEY_BLOCK - 1) * KEY_BLOCK)
         last = (
             keys
             if self.bias.is_causal
@@ -278,11 +288,11 @@ class _KeyBounds:
         keys: int,
         seed: slice,
     ):
-        """(B * Hkv, n) bool over the key blocks outside the seed (also returned, (n,); the seed
-        leaves at least one): which a unit must score because some row's bound on them reaches
-        the cut-off that the seed keys alone prove."""
+        """(B * Hkv, n) bool over the key blocks in reach outside the seed (also returned, (n,);
+        the seed leaves at least one): which a unit must score because some row's bound on them
+        reaches the cut-off that the seed keys alone prove."""
         n_blocks = -(-keys // KEY_BLOCK)
-        candidates = torch.arange(n_blocks, device=q_rows.device)
+        candidates = torch.arange(layout.reach(start) // KEY_BLOCK, n_blocks, device=q_rows.device)
         candidates = candidates[
             (candidates < seed.start // KEY_BLOCK) | (candidates * KEY_BLOCK >= seed.stop)
         ]
@@ -325,7 +335,7 @@ def _buckets(live: Tensor, candidates: Tensor, seed: slice) -> list[_Bucket]:
     tails = ((counts == candidates.numel()) | ~(live & ~before).any(-1)) & (
         2 * counts >= seed_block - first_live
     )
-    first_live = torch.where(counts == candidates.numel(), 0, first_live)
+    first_live = torch.where(counts == candidates.numel(), candidates[0], first_live)
     widths = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp_min(1))), 0).long()
     widths = widths.clamp_max(candidates.numel())
     keys_before = torch.where(tails, (seed_block - first_live) * KEY_BLOCK, widths * KEY_BLOCK)
@@ -399,20 +409,21 @@ class BlockedAttention(torch.autograd.Function):
                 continue
             visible_blocks += -(-keys // KEY_BLOCK)
             q_rows = scale * layout.grouped(q, plan.start, end)
-            seed = slice(0, keys)
+            seed = slice(bias.key_start(plan.start), keys)
+            reach = seed.start
             if bounds is not None and rest_before_bounds == 0:
-                seed = layout.seed(plan.start, end, keys)
+                seed, reach = layout.seed(plan.start, end, keys), layout.reach(plan.start)
             seed_scores = layout.scores(q_rows, flat_k, plan.start, end, seed)
             live, candidates = None, None
-            if seed.stop - seed.start < keys:
+            if seed.stop - seed.start < keys - reach:
                 live, candidates = bounds.live(layout, q_rows, seed_scores, plan.start, end, keys, seed)
             if live is None:
-                plan.buckets.append(_Bucket(None, None, seed))
+                plan.buckets.append(_Bucket(None, None, seed, reach))
                 rest_before_bounds = max(0, rest_before_bounds - 1)
             elif bool(live.all()):
                 # Nothing ruled out: try again after twice as many query blocks as last time, so
                 # that bounds cost little where they never pay (Gaussian scores, dense heads).
-                plan.buckets.append(_Bucket(None, None, seed))
+                plan.buckets.append(_Bucket(None, None, seed, reach))
                 backoff = 2 * backoff
                 rest_before_bounds = backoff
             else:
@@ -441,7 +452,7 @@ class BlockedAttention(torch.autograd.Function):
                     layout.per_unit(support, plan.start, end, bucket, (weights > 0).sum(-1))
                 entries += scores.shape[0] * width
             scored += entries * q_rows.shape[1]
-            if entries < layout.units * keys:
+            if entries < layout.units * (keys - reach):
                 # Blocks were ruled out: the next query block holds as many score entries as the
                 # budget allows at this block's widths.
                 grown = min(MAX_GROWN_QUERY_BLOCK, SCORE_BLOCK_BUDGET // (entries * layout.group))
@@ -548,10 +559,10 @@ class BlockedRowMapAttention(torch.autograd.Function):
         layout = _Layout(q, k, 1.0, bias)
         out = q.new_zeros(layout.batch, layout.heads, layout.n_q, v.shape[-1])
         with torch.no_grad():
-            for start, end, keys in layout.blocks():
-                if keys:
+            for start, end, first, keys in layout.blocks():
+                if keys > first:
                     block = _row_map_block(
-                        layout, q, k, v, function, options, names, parameters, scale, start, end, keys
+                        layout, q, k, v, function, options, names, parameters, scale, start, end, first, keys
                     )
                     out[:, :, start:end] = block.to(out.dtype)
         ctx.save_for_backward(q, k, v, *parameters)
@@ -565,12 +576,12 @@ class BlockedRowMapAttention(torch.autograd.Function):
         layout = _Layout(q, k, 1.0, bias)
         leaves = [x.detach().requires_grad_() for x in (q, k, v, *parameters)]
         grads = [torch.zeros_like(x, dtype=layout.work) for x in leaves]
-        for start, end, keys in layout.blocks():
-            if not keys:
+        for start, end, first, keys in layout.blocks():
+            if keys <= first:
                 continue
             with torch.enable_grad():
                 block = _row_map_block(
-                    layout, *leaves[:3], function, options, names, leaves[3:], scale, start, end, keys
+                    layout, *leaves[:3], function, options, names, leaves[3:], scale, start, end, first, keys
                 )
                 wanted = [i for i, leaf in enumerate(leaves) if i >= 3 or ctx.needs_input_grad[i]]
                 found = torch.autograd.grad(
@@ -586,13 +597,14 @@ class BlockedRowMapAttention(torch.autograd.Function):
         return (grad_q, grad_k, grad_v, None, None, None, None, None, *grad_parameters)
 
 
-def _row_map_block(layout, q, k, v, function, options, names, parameters, scale, start, end, keys):
-    """Output rows start:end (B, H, rows, Dv) in the compute dtype, from the keys before ``keys``."""
+def _row_map_block(layout, q, k, v, function, options, names, parameters, scale, start, end, first, keys):
+    """Output rows start:end (B, H, rows, Dv) in the compute dtype, from the keys first:keys."""
     q_rows = layout.grouped(q, start, end)
-    scores = layout.scores(scale * q_rows, layout.flat(k), start, end, slice(0, keys))
-    scores = scores.view(layout.batch, layout.heads, end - start, keys)
+    scores = layout.scores(scale * q_rows, layout.flat(k), start, end, slice(first, keys))
+    scores = scores.view(layout.batch, layout.heads, end - start, keys - first)
     weights = function(scores, **dict(zip(names, parameters, strict=True)), **options)
-    grouped = weights.view(layout.batch, layout.kv_heads, -1, keys) @ v[:, :, :keys].to(layout.work)
+    values = v[:, :, first:keys].to(layout.work)
+    grouped = weights.view(layout.batch, layout.kv_heads, -1, keys - first) @ values
     return grouped.view(layout.batch, layout.heads, end - start, -1)
 
 

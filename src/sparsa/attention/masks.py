@@ -38,29 +38,40 @@ class KeyPadding:
             raise ValueError(f"KeyPadding.side must be 'left' or 'right', got {self.side!r}")
 
     @classmethod
-    def of_causal_mask(cls, mask: Tensor) -> KeyPadding | None:
-        """The padding that with ``is_causal=True`` masks exactly as ``mask`` does, or None if none does.
+    def of_causal_mask(cls, mask: Tensor, window: int | None = None) -> KeyPadding | None:
+        """The padding that with ``is_causal=True`` (and ``window``) masks exactly as ``mask`` does,
+        or None if none does.
 
         ``mask``: bool (B, 1, Nq, Nk), True = keep, Nq <= Nk. A causal mask
         over left- or right-padded keys (what transformers builds for padded
         batches) becomes lengths, which the fused kernels take and a mask
-        tensor they do not.
+        tensor they do not. Under a window, padding that no query's window
+        reaches cannot be told apart from real keys there; the lengths then
+        count only the keys some window reaches, which attends the same.
         """
         if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] > mask.shape[3]:
             return None
         _, _, n_q, n_k = mask.shape
         seen = mask[:, 0].any(1)
-        lengths = seen.sum(-1)
         positions = torch.arange(n_k, device=mask.device)
-        if torch.equal(seen, positions < lengths[:, None]):
-            padding = cls(lengths, "right")
-        elif torch.equal(seen, positions >= n_k - lengths[:, None]):
-            padding = cls(lengths, "left")
-        else:
-            return None
+        any_seen = seen.any(-1)
+        last_seen = torch.where(seen, positions, -1).amax(-1)
+        first_seen = torch.where(seen, positions, n_k).amin(-1)
         # Query i sits at key position Nk - Nq + i (the module docstring); compared in bool, a byte per entry.
-        causal = positions[None, :] <= torch.arange(n_q, device=mask.device)[:, None] + (n_k - n_q)
-        return padding if torch.equal(seen[:, None, None, :] & causal, mask) else None
+        q_pos = torch.arange(n_q, device=mask.device)[:, None] + (n_k - n_q)
+        visible = positions[None, :] <= q_pos
+        if window is not None:
+            visible = visible & (positions[None, :] > q_pos - window)
+        for padding in (
+            cls(torch.where(any_seen, last_seen + 1, 0), "right"),
+            cls(torch.where(any_seen, n_k - first_seen, 0), "left"),
+        ):
+            real = positions < padding.lengths[:, None]
+            if padding.side == "left":
+                real = positions >= n_k - padding.lengths[:, None]
+            if torch.equal(real[:, None, None, :] & visible, mask):
+                return padding
+        return None
 
 
 class ScoreBias:
@@ -77,6 +88,7 @@ class ScoreBias:
         attn_mask: Tensor | KeyPadding | None,
         alibi_slopes: Tensor | None,
         device: torch.device,
+        window: int | None = None,
     ) -> None:
         self.batch, self.heads = batch, heads
         self.n_q, self.n_k = n_q, n_k
@@ -98,6 +110,12 @@ class ScoreBias:
         elif attn_mask is not None:
             self.mask = _check_mask(attn_mask, (batch, heads, n_q, n_k))
         self.slopes = None if alibi_slopes is None else _check_slopes(alibi_slopes, batch, heads)
+        # A window that reaches back past the first key hides nothing: the same as none.
+        self.window = window if window is not None and window < n_k else None
+
+    def key_start(self, q_start: int) -> int:
+        """Keys before this index lie outside the window of every query from ``q_start`` on."""
+        return 0 if self.window is None else max(0, self.offset + q_start - self.window + 1)
 
     def key_end(self, q_end: int) -> int:
         """Keys at or after this index are masked for every query before ``q_end``."""
@@ -119,6 +137,10 @@ class ScoreBias:
             first = max(k_start, min(k_end, q_start + self.offset + 1))
             k_pos = torch.arange(first, k_end, device=self.device).view(1, -1)
             scores[..., first - k_start :].masked_fill_(k_pos > q_pos, NEG_INF)
+        if self.window is not None and k_start < self.key_start(q_end - 1):
+            last = min(k_end, self.key_start(q_end - 1))
+            k_pos = torch.arange(k_start, last, device=self.device).view(1, -1)
+            scores[..., : last - k_start].masked_fill_(k_pos <= q_pos - self.window, NEG_INF)
         if self.padding_lengths is not None:
             k_pos = torch.arange(k_start, k_end, device=self.device).view(1, -1)
             lengths = self.padding_lengths
@@ -156,6 +178,8 @@ class ScoreBias:
         if self.is_causal:
             last = torch.minimum(last.view(1, -1), q_pos)
             bound.masked_fill_(first.view(1, -1) > q_pos, NEG_INF)
+        if self.window is not None:
+            bound.masked_fill_(last <= q_pos - self.window, NEG_INF)
         if self.slopes is not None:
             slopes = self.slopes.to(bound.dtype)
             nearest = torch.where(slopes >= 0, last - q_pos, first - q_pos)
@@ -204,6 +228,9 @@ class ScoreBias:
         hidden = k_pos < 0 if lowest < 0 else None
         if self.is_causal and highest > q_start + self.offset:
             hidden = k_pos > q_pos if hidden is None else hidden | (k_pos > q_pos)
+        if self.window is not None and lowest < self.key_start(q_end - 1):
+            outside = k_pos <= q_pos - self.window
+            hidden = outside if hidden is None else hidden | outside
         if self.padding_lengths is not None:
             lengths = self.padding_lengths.view(-1)[batch].view(units, 1, 1, 1)
             pad = self._is_padding(k_pos, k_pos, lengths)
@@ -221,16 +248,6 @@ class ScoreBias:
             else:
                 scores.add_(mask.to(scores.dtype))
         return scores
-
-
-def sliding_window_mask(n_q: int, n_k: int, window: int, device: torch.device | None = None) -> Tensor:
-    """(1, 1, Nq, Nk) bool, True = keep: causal, each query seeing its ``window`` most recent keys
-    (itself included), with query i at position Nk - Nq + i as everywhere here."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive integer, got {window!r}")
-    q_pos = torch.arange(n_q, device=device).view(-1, 1) + (n_k - n_q)
-    k_pos = torch.arange(n_k, device=device).view(1, -1)
-    return ((k_pos <= q_pos) & (k_pos > q_pos - window)).view(1, 1, n_q, n_k)
 
 
 def _check_mask(mask: Tensor, shape: tuple[int, int, int, int]) -> Tensor:

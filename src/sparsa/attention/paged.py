@@ -270,6 +270,7 @@ def decode(
     alpha: float | Tensor = 1.5,
     scale: float | None = None,
     alibi_slopes: Tensor | None = None,
+    window: int | None = None,
     max_dropped_mass: float = 0.0,
     dense_below: int = DENSE_BELOW,
     return_stats: bool = False,
@@ -284,8 +285,10 @@ def decode(
         alpha: >= 1, a float or a tensor (H,) with one alpha per head.
         scale: multiplies q.k; default 1/sqrt(D).
         alibi_slopes: (H,) or (B, H), non-negative; adds slope * (key_pos - query_pos).
+        window: each query sees at most its ``window`` most recent keys (a
+            sliding window); pages wholly before it are never read.
         max_dropped_mass: 0 (default) is exact: the same as
-            ``sparsa.attention(q, K, V, alpha=alpha, is_causal=True,
+            ``sparsa.attention(q, K, V, alpha=alpha, is_causal=True, window=window,
             attn_mask=KeyPadding(lengths, "left"), alibi_slopes=...)`` over the
             left-padded cache. eps > 0 stops reading once the weight that all
             unread keys could still take is at most eps (reported per row).
@@ -318,7 +321,9 @@ def decode(
     slopes = _check_slopes(alibi_slopes, q.shape[0], heads, q.device)
     if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
         raise ValueError(f"dense_below must be an integer >= 0, got {dense_below!r}")
-    rows = _Rows(q, cache, alpha_heads, slopes, scale)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    rows = _Rows(q, cache, alpha_heads, slopes, scale, window)
     out, stats = rows.decode(float(max_dropped_mass), dense_below, alpha, alibi_slopes, return_stats)
     return (out, stats) if return_stats else out
 
@@ -326,7 +331,9 @@ def decode(
 class _Rows:
     """The query rows of one decode call, flattened to (R = B * H * Nq,), with their page bounds."""
 
-    def __init__(self, q: Tensor, cache: PagedKVCache, alpha: Tensor, slopes: Tensor, scale: float) -> None:
+    def __init__(
+        self, q: Tensor, cache: PagedKVCache, alpha: Tensor, slopes: Tensor, scale: float, window: int | None
+    ) -> None:
         batch, heads, n_q, dim = q.shape
         self.q, self.cache, self.scale = q, cache, scale
         self.shape = (batch, heads, n_q)
@@ -339,9 +346,16 @@ class _Rows:
         self.alpha = alpha[self.h]
         self.slope = slopes[self.b, self.h]
         self.query = q.reshape(-1, dim).float()
-        self.visible_pages = torch.where(
+        self.window = window
+        # The first key each row sees: its window's, or the first of all.
+        self.first_key = torch.zeros_like(self.position) if window is None else (self.position - window + 1)
+        self.first_key = self.first_key.clamp_min(0)
+        end_page = torch.where(
             self.position >= 0, self.position.div(cache.page_size, rounding_mode="floor") + 1, 0
         )
+        self.first_page = torch.minimum(self.first_key.div(cache.page_size, rounding_mode="floor"), end_page)
+        self.end_page = end_page
+        self.visible_pages = end_page - self.first_page
 
     def _page_bounds(self) -> Tensor:
         """(R, pages): an upper bound on the score of every key of each page the row sees (-inf: none).
@@ -350,21 +364,24 @@ class _Rows:
         products per KV head over the page summaries, for the query heads of its group together.
         """
         cache, batch = self.cache, self.shape[0]
-        pages = max(1, int(self.visible_pages.max()))
-        low, high = cache.key_min[:, :, :pages], cache.key_max[:, :, :pages]
+        pages = max(1, int(self.end_page.max()))
+        # Pages before every row's window are never read, their summaries included.
+        first = min(int(self.first_page.min()), pages - 1)
+        low, high = cache.key_min[:, :, first:pages], cache.key_max[:, :, first:pages]
         q = self.query.view(batch, cache.kv_heads, -1, cache.head_dim)
         dot = q.clamp_min(0) @ high.transpose(-1, -2) - (-q).clamp_min(0) @ low.transpose(-1, -2)
         # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of it;
         # max|k_d| over the pages is their largest sketch scale times SKETCH_LEVELS.
-        largest_key = cache.key_scale[:, :, :pages].amax(-1) * SKETCH_LEVELS
+        largest_key = cache.key_scale[:, :, first:pages].amax(-1) * SKETCH_LEVELS
         size = q.abs().sum(-1, keepdim=True) * largest_key[:, :, None, None]
-        bound = (dot + BOUND_MARGIN * size).reshape(-1, pages) * self.scale + self._page_bias(pages)
-        page = torch.arange(pages, device=q.device)
-        return _unbounded_where_nan(bound).masked_fill(page >= self.visible_pages[:, None], -math.inf)
+        page = torch.arange(first, pages, device=q.device)
+        bound = (dot + BOUND_MARGIN * size).reshape(-1, pages - first) * self.scale + self._page_bias(page)
+        hidden = (page >= self.end_page[:, None]) | (page < self.first_page[:, None])
+        bound = _unbounded_where_nan(bound).masked_fill(hidden, -math.inf)
+        return torch.nn.functional.pad(bound, (first, 0), value=-math.inf)
 
-    def _page_bias(self, pages: int) -> Tensor:
-        """(R, pages): the largest ALiBi bias of each page, at its last key the row sees."""
-        page = torch.arange(pages, device=self.position.device)
+    def _page_bias(self, page: Tensor) -> Tensor:
+        """(R, pages): the largest ALiBi bias of each of the pages ``page``, at its last key the row sees."""
         last_key = torch.minimum((page + 1) * self.cache.page_size - 1, self.position[:, None])
         return self.slope[:, None] * (last_key - self.position[:, None])
 
@@ -377,7 +394,8 @@ class _Rows:
         slot = pages[:, :, None] * cache.page_size + torch.arange(cache.page_size, device=pages.device)
         slot = slot.flatten(1)
         scores = scores + self.slope[:, None] * (slot - self.position[:, None])
-        visible = (slot <= self.position[:, None]) & taken.repeat_interleave(cache.page_size, 1)
+        visible = (slot <= self.position[:, None]) & (slot >= self.first_key[:, None])
+        visible &= taken.repeat_interleave(cache.page_size, 1)
         return scores.masked_fill(~visible, -math.inf)
 
     def _threshold_of_best(self, width: int = FIRST_GROUP_PAGES) -> tuple[Tensor, Tensor]:
@@ -433,24 +451,29 @@ class _Rows:
         queries = self.query.view(*self._groups, -1)
         bounds = torch.full_like(self.bounds, math.inf).view(*self._groups, pages)
         margin = 1 + BOUND_MARGIN
+        first_pages = self.first_page.view(self._groups).amin(-1)
         for row, kv_head in groups.nonzero().tolist():
             q = queries[row, kv_head]
+            # The pages before the group's windows stay unread (their bound is -inf already).
+            first = min(int(first_pages[row, kv_head]), pages - 1)
+            span = pages - first
             step = q.abs().amax(-1, keepdim=True).clamp_min(1e-30) / SKETCH_LEVELS
             high = torch.round(q / step).clamp(-SKETCH_LEVELS, SKETCH_LEVELS)
             low = torch.round((q - step * high) / step * (2 * SKETCH_LEVELS)).clamp(
                 -SKETCH_LEVELS, SKETCH_LEVELS
             )
-            codes = cache.key_codes[row, kv_head, :pages].view(-1, cache.head_dim)
+            codes = cache.key_codes[row, kv_head, first:pages].view(-1, cache.head_dim)
             dots = integer_dots(codes, torch.cat([high, low]).to(torch.int8))
             # 254 (u . c) + w . c per key (rows, N), its largest per page; ||c||_1 by the page's largest:
             # one pass over the products, and the norm term is 1/254 of the dots' scale.
             dots = dots[len(q) :].add(dots[: len(q)], alpha=2 * SKETCH_LEVELS)
-            largest = dots.view(len(q), pages, cache.page_size).amax(-1).float()
-            norms = cache.key_code_norm[row, kv_head, :pages].amax(-1).float()
+            largest = dots.view(len(q), span, cache.page_size).amax(-1).float()
+            norms = cache.key_code_norm[row, kv_head, first:pages].amax(-1).float()
             largest = largest.add_(norms, alpha=0.5 * margin).mul_(step / (2 * SKETCH_LEVELS))
             largest = largest + (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
-            bounds[row, kv_head] = cache.key_scale[row, kv_head, :pages] * largest
-        return _unbounded_where_nan(bounds.view(-1, pages) * self.scale + self._page_bias(pages))
+            bounds[row, kv_head, :, first:] = cache.key_scale[row, kv_head, first:pages] * largest
+        page = torch.arange(pages, device=bounds.device)
+        return _unbounded_where_nan(bounds.view(-1, pages) * self.scale + self._page_bias(page))
 
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
@@ -545,12 +568,17 @@ class _Rows:
         sketch_pages = cache.pages()[:, None].expand_as(dense)[self.sketched.view(self._groups).any(-1)]
         bytes_read += int(sketch_pages.sum()) * cache.page_size * (cache.head_dim + 2)
         if bool(dense.any()):
-            dense_support = _dense_decode(self.q, cache, alpha, self.scale, alibi_slopes, dense, out, counted)
+            dense_support = _dense_decode(
+                self.q, cache, alpha, self.scale, alibi_slopes, self.window, dense, out, counted
+            )
             support = torch.where(dense_rows, dense_support.reshape(-1), support)
-            keys_read = torch.where(dense_rows, torch.clamp(self.position + 1, min=0), keys_read)
+            seen = torch.clamp(self.position + 1 - self.first_key, min=0)
+            keys_read = torch.where(dense_rows, seen, keys_read)
             pages_read = torch.where(dense_rows, self.visible_pages, pages_read)
             support_pages = support_pages.masked_fill(dense_rows, -1)
-            bytes_read += int(cache.lengths[:, None].expand_as(dense)[dense].sum()) * bytes_per_key
+            first_key = self.first_key.view(self._groups).amin(-1)
+            dense_keys = cache.lengths[:, None] - first_key
+            bytes_read += int(dense_keys[dense].sum()) * bytes_per_key
         stats = DecodeStats(
             pages_read=self._view(pages_read),
             keys_read=self._view(keys_read),
@@ -597,6 +625,7 @@ def _dense_decode(
     alpha,
     scale: float,
     alibi_slopes: Tensor | None,
+    window: int | None,
     groups: Tensor,
     out: Tensor,
     counted: bool,
@@ -606,15 +635,19 @@ def _dense_decode(
     group = heads // cache.kv_heads
     support = torch.zeros(batch, heads, n_q, dtype=torch.long, device=q.device)
     lengths = cache.lengths
-    if bool(groups.all()) and int(lengths.min()) >= n_q and (n_q == 1 or bool((lengths == lengths[0]).all())):
+    one_length = bool((lengths == lengths[0]).all())
+    if bool(groups.all()) and int(lengths.min()) >= n_q and (one_length or (n_q == 1 and window is None)):
         # One call for the whole batch: rows are stored from page 0 on, i.e. right-padded, and
-        # one query per row, or rows of one length, sit at the end of each row's keys.
+        # one query per row, or rows of one length, sit at the end of each row's keys (a window
+        # counts back from the last key, so it needs rows of one length).
         length = int(lengths.max())
         keys = cache.keys.view(batch, cache.kv_heads, -1, cache.head_dim)[:, :, :length]
         values = cache.values.view(batch, cache.kv_heads, -1, cache.value_dim)[:, :, :length]
+        causal = n_q > 1 or window is not None
         result = attention(
-            q, keys, values, alpha=alpha, is_causal=n_q > 1, scale=scale, alibi_slopes=alibi_slopes,
-            attn_mask=None if n_q > 1 else KeyPadding(lengths, "right"), return_stats=counted,
+            q, keys, values, alpha=alpha, is_causal=causal, window=window, scale=scale,
+            alibi_slopes=alibi_slopes, attn_mask=None if causal else KeyPadding(lengths, "right"),
+            return_stats=counted,
         )  # fmt: skip
         if counted:
             result, stats = result
@@ -641,6 +674,7 @@ def _dense_decode(
                 values[:, first_kv:end_kv],
                 alpha=alpha[first:last] if isinstance(alpha, Tensor) else alpha,
                 is_causal=True,
+                window=window,
                 scale=scale,
                 alibi_slopes=slopes,
                 return_stats=counted,

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import BACKENDS, DecodeStats, KeyPadding, PagedKVCache, attention, decode
-from ..attention.masks import sliding_window_mask
 from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
 from ..layers.attention import row_map_parameters, weighting_options
 from ..normalize._validate import compute_dtype
@@ -166,28 +165,18 @@ def sparsa_attention(
         attention_mask = _fit_mask(attention_mask, n_k)
     window = kwargs.get("sliding_window")
     # A causal window at least as long as the keys hides none of them: plain causal attention.
-    if window is not None and n_k > window:
-        if not causal:
-            raise ValueError(
-                f"sparsa attention implements causal sliding windows only (sliding_window={window})"
-            )
-        if pages is not None:
-            raise ValueError(
-                f"a PagedCache decodes full-attention layers; this layer's window ({window}) is shorter "
-                f"than its {n_k} keys: generate with transformers' dynamic cache"
-            )
-        # A mask from transformers is the truth (it holds the window where the layer has one, as
-        # eager attention reads it); without one, the window is what flash kernels would apply.
-        if attention_mask is None:
-            attention_mask = sliding_window_mask(n_q, n_k, window, query.device).expand(
-                query.shape[0], 1, -1, -1
-            )
-    elif attention_mask is None and causal and 1 < n_q < n_k and pages is None:
+    if window is not None and n_k <= window:
+        window = None
+    if window is not None and not causal:
+        raise ValueError(f"sparsa attention implements causal sliding windows only (sliding_window={window})")
+    # A mask from transformers is the truth (it holds the window where the layer has one, as eager
+    # attention reads it); without one, the window is what flash kernels would apply.
+    if window is None and attention_mask is None and causal and 1 < n_q < n_k and pages is None:
         # transformers leaves out the mask here only when prefilling an empty static cache: the
         # queries are the first keys and the rest are unwritten slots (torch SDPA's upper-left causal mask).
         key, value, n_k = key[:, :, :n_q], value[:, :, :n_q], n_q
     if controls.scaling is not None or pages is not None:
-        visible = _visible_keys(attention_mask, causal, query.shape[0], n_q, n_k, query.device)
+        visible = _visible_keys(attention_mask, causal, window, query.shape[0], n_q, n_k, query.device)
     if controls.scaling is not None:
         query = query * controls.query_scale(visible)[..., None].to(query.dtype)
     if pages is not None:
@@ -200,12 +189,15 @@ def sparsa_attention(
                 f"a PagedCache certifies alpha-entmax weights; row map {controls.row_map!r} decodes with "
                 "transformers' dense caches"
             )
-        out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, scaling)
+        out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, scaling, window)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None:
-        padding = KeyPadding.of_causal_mask(attention_mask)
-        attention_mask, causal = (attention_mask, False) if padding is None else (padding, True)
+        padding = KeyPadding.of_causal_mask(attention_mask, window)
+        if padding is None:
+            attention_mask, causal, window = attention_mask, False, None
+        else:
+            attention_mask, causal = padding, True
     # One query sees every key either way; row maps that read keys in causal order still say so.
     in_order = controls.row_map is not None and get_row_map(controls.row_map).causal
     out = attention(
@@ -213,7 +205,8 @@ def sparsa_attention(
         key,
         value,
         **controls.weighting(),
-        is_causal=causal and (n_q > 1 or in_order),
+        is_causal=causal and (n_q > 1 or in_order or window is not None),
+        window=window,
         attn_mask=attention_mask,
         scale=scaling,
         backend=controls.backend,
@@ -230,11 +223,14 @@ def _fit_mask(mask: Tensor, n_k: int) -> Tensor:
     return mask[..., :n_k]
 
 
-def _visible_keys(mask: Tensor | None, causal: bool, batch: int, n_q: int, n_k: int, device) -> Tensor:
+def _visible_keys(
+    mask: Tensor | None, causal: bool, window: int | None, batch: int, n_q: int, n_k: int, device
+) -> Tensor:
     """(B, Nq) number of keys each query attends to."""
     if mask is None:
         if causal:
-            return (torch.arange(n_q, device=device) + (n_k - n_q + 1)).expand(batch, n_q)
+            seen = torch.arange(n_q, device=device) + (n_k - n_q + 1)
+            return (seen if window is None else seen.clamp_max(window)).expand(batch, n_q)
         return torch.full((batch, n_q), n_k, device=device)
     keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     if keep.shape[1] != 1:
@@ -292,13 +288,15 @@ class PagedLayer(DynamicLayer):
         visible: Tensor,
         alpha: float | Tensor,
         scale: float | None,
+        window: int | None,
     ) -> Tensor | None:
         """Append the chunk; None for the prompt (the caller attends over it), else the decoded output.
 
-        ``visible`` (B,) is the number of keys the mask lets each row's last query see.
+        ``visible`` (B,) is the number of keys the mask lets each row's last query see; ``window``
+        the layer's sliding window where it hides keys.
         """
         if self.pages is None:
-            padding = None if mask is None else KeyPadding.of_causal_mask(mask)
+            padding = None if mask is None else KeyPadding.of_causal_mask(mask, window)
             if mask is not None and padding is None:
                 raise ValueError(
                     "a PagedCache needs the prompt's mask to be causal over left- or right-padded rows"
@@ -307,14 +305,15 @@ class PagedLayer(DynamicLayer):
             self.pages.append(key, value, padding)
             return None
         self.pages.append(key, value)
-        if not torch.equal(self.pages.lengths, visible.to(self.pages.lengths.device)):
+        seen = self.pages.lengths if window is None else self.pages.lengths.clamp_max(window)
+        if not torch.equal(seen, visible.to(seen.device)):
             raise ValueError(
                 "after the prompt a PagedCache takes real tokens only: the attention mask hides keys "
                 "that are not padding of the prompt"
             )
         out = decode(
-            query, self.pages, alpha=alpha, scale=scale, max_dropped_mass=self.max_dropped_mass,
-            return_stats=self.keep_stats,
+            query, self.pages, alpha=alpha, scale=scale, window=window,
+            max_dropped_mass=self.max_dropped_mass, return_stats=self.keep_stats,
         )  # fmt: skip
         if self.keep_stats:
             out, self.stats = out

@@ -62,6 +62,8 @@ class _Launch:
         self.scale = scale
         self.alpha = alpha
         self.is_causal = bias.is_causal
+        # No window: one that reaches past the first key for every query.
+        self.window = self.n_k + self.n_q if bias.window is None else bias.window
         slopes = bias.slopes
         self.has_alibi = slopes is not None
         if slopes is None:
@@ -124,7 +126,7 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     kernels._forward_kernel[grid](
         q, k, v, out, u, w, stats, tile_max, live, passes, launch.alpha, launch.slopes, launch.lengths,
         *launch.strides(q, k, v, out),
-        launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride,
+        launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, launch.window,
         *launch.tiles, kernels.NEWTON_TOLERANCE, kernels.MAX_PASSES,
         ALPHA_GRAD=alpha_grad, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS,
         **launch.constants,
@@ -147,14 +149,15 @@ def backward(launch: _Launch, q, k, v, d_out, stats, live, u):
     )  # fmt: skip
     kernels._backward_query_kernel[grid](
         q, k, v, d_out, dq, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
-        launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, *launch.tiles,
+        launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, launch.window,
+        *launch.tiles,
         **launch.constants,
     )  # fmt: skip
     grid = (launch.tiles[1], launch.batch * launch.kv_heads)
     kernels._backward_key_kernel[grid](
         q, k, v, d_out, dk, dv, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
         launch.heads, launch.kv_heads, launch.n_q, launch.n_k, launch.group, launch.scale,
-        launch.slope_stride, *launch.tiles,
+        launch.slope_stride, launch.window, *launch.tiles,
         **launch.constants,
     )  # fmt: skip
     return dq, dk, dv, delta

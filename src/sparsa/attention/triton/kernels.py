@@ -74,26 +74,30 @@ def _real_keys(Lengths, b, n_k, PAD: tl.constexpr):
 
 @triton.jit
 def _key_range(
-    pid_m, n_q, n_k, lo, hi, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    pid_m, n_q, n_k, lo, hi, window, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
     """Start of the first key tile and end of the keys that a query tile can see."""
+    first = lo
     end = hi
     if IS_CAUSAL:
+        first = tl.maximum(lo, n_k - n_q + pid_m * BLOCK_M - window + 1)
         end = tl.minimum(hi, n_k - n_q + (pid_m + 1) * BLOCK_M)
-    return (lo // BLOCK_N) * BLOCK_N, end
+    return (first // BLOCK_N) * BLOCK_N, end
 
 
 @triton.jit
-def _visible_keys(q_pos, rows, lo, hi, IS_CAUSAL: tl.constexpr):
+def _visible_keys(q_pos, rows, lo, hi, window, IS_CAUSAL: tl.constexpr):
     """The number of keys each query row sees (0 for rows past the queries)."""
+    first = lo
     end = hi
     if IS_CAUSAL:
+        first = tl.maximum(lo, q_pos - window + 1)
         end = tl.minimum(hi, q_pos + 1)
-    return tl.where(rows, tl.maximum(end - lo, 0), 0).to(tl.float32)
+    return tl.where(rows, tl.maximum(end - first, 0), 0).to(tl.float32)
 
 
 @triton.jit
-def _scores(q, k, offs_n, q_pos, lo, hi, slope, scale,
+def _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale,
             IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_N) scores of a query tile against the key tile k at offs_n, -inf where masked."""
     s = _dot(q, tl.trans(k), PRECISION) * scale
@@ -101,7 +105,7 @@ def _scores(q, k, offs_n, q_pos, lo, hi, slope, scale,
         s += slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
     keep = (offs_n[None, :] >= lo) & (offs_n[None, :] < hi)
     if IS_CAUSAL:
-        keep = keep & (offs_n[None, :] <= q_pos[:, None])
+        keep = keep & (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
     return tl.where(keep, s, float("-inf"))
 
 
@@ -133,7 +137,7 @@ def _zero_cut(m, tau, inv, rows):
 @triton.jit
 def _threshold_pass(
     q, k_base, tile_max, m, tau, cut, lowest, spacing, start, end, offs_d, skn, skd, n_k, q_pos,
-    lo, hi, slope, scale, am1, inv,
+    lo, hi, window, slope, scale, am1, inv,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, COUNT_LEVELS: tl.constexpr,
 ):  # fmt: skip
@@ -148,7 +152,7 @@ def _threshold_pass(
         if tl.load(tile_max + first // BLOCK_N) > cut:
             offs_n = first + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-            s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
             z = (s - m[:, None]) * am1
             d = z - tau[:, None]
             p, g = _powers(d, inv)
@@ -222,7 +226,7 @@ def _newton_update(tau, lower, upper, finished, total, slope_sum, curvature, bou
 def _forward_kernel(
     Q, K, V, Out, U, W, Stats, TileMax, Live, Passes, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n, tolerance, max_passes,
+    n_heads, n_q, n_k, group, scale, slope_stride, window, n_tiles_m, n_tiles_n, tolerance, max_passes,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr, LEVELS: tl.constexpr,
@@ -245,7 +249,7 @@ def _forward_kernel(
     q_pos = offs_m + (n_k - n_q)
     am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
     lo, hi = _real_keys(Lengths, b, n_k, PAD)
-    start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    start, end = _key_range(pid_m, n_q, n_k, lo, hi, window, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     tile_max = TileMax + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
@@ -257,7 +261,7 @@ def _forward_kernel(
     for first in range(start, end, BLOCK_N):
         offs_n = first + offs_nb
         k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-        s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+        s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
         s = tl.where(rows[:, None], s, float("-inf"))
         non_finite += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32), 1)
         row_max, at = tl.max(s, 1, return_indices=True)
@@ -265,7 +269,7 @@ def _forward_kernel(
         tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
         second = tl.maximum(tl.minimum(m, row_max), tl.maximum(second, row_second))
         m = tl.maximum(m, row_max)
-    count = _visible_keys(q_pos, rows, lo, hi, IS_CAUSAL)
+    count = _visible_keys(q_pos, rows, lo, hi, window, IS_CAUSAL)
     seen = count > 0
     m = tl.where(seen, m, 0.0)
     runner_up = tl.where(seen, (second - m) * am1, float("-inf"))
@@ -282,7 +286,7 @@ def _forward_kernel(
     if tl.sum((~finished).to(tl.int32)) > 0:
         total, slope_sum, curvature, above = _threshold_pass(
             q, k_base, tile_max, m, tau, _zero_cut(m, tau, inv, seen), lower, spacing, start, end, offs_d,
-            skn, skd, n_k, q_pos, lo, hi, slope, scale, am1, inv,
+            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, am1, inv,
             HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, PRECISION, True,
         )  # fmt: skip
         bound = _level_bound(above, lower, spacing, inv, LEVELS, BOUND_ITERATIONS)
@@ -293,7 +297,7 @@ def _forward_kernel(
     while (tl.sum((~finished).to(tl.int32)) > 0) & (passes < max_passes):
         total, slope_sum, curvature, _ = _threshold_pass(
             q, k_base, tile_max, m, tau, _zero_cut(m, tau, inv, seen), lower, spacing, start, end, offs_d,
-            skn, skd, n_k, q_pos, lo, hi, slope, scale, am1, inv,
+            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, am1, inv,
             HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, PRECISION, False,
         )  # fmt: skip
         tau, lower, upper, finished = _newton_update(
@@ -320,7 +324,7 @@ def _forward_kernel(
             tl.store(live + first // BLOCK_N, 1)
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-            s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
             d = (s - m[:, None]) * am1 - tau[:, None]
             p, g = _powers(d, inv)
             v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
@@ -387,7 +391,7 @@ def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexp
 def _backward_query_kernel(
     Q, K, V, DO, DQ, Stats, Live, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
+    n_heads, n_q, n_k, group, scale, slope_stride, window, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -413,7 +417,7 @@ def _backward_query_kernel(
     q_pos = offs_m + (n_k - n_q)
     am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
     lo, hi = _real_keys(Lengths, b, n_k, PAD)
-    start, end = _key_range(pid_m, n_q, n_k, lo, hi, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    start, end = _key_range(pid_m, n_q, n_k, lo, hi, window, IS_CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     live = Live + (pid_bh * n_tiles_m + pid_m) * n_tiles_n
@@ -422,7 +426,7 @@ def _backward_query_kernel(
         if tl.load(live + first // BLOCK_N) != 0:
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-            s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
             v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
             _, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
             dq += _dot(ds, k, PRECISION)
@@ -435,7 +439,7 @@ def _backward_query_kernel(
 def _backward_key_kernel(
     Q, K, V, DO, DK, DV, Stats, Live, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride, n_tiles_m, n_tiles_n,
+    n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride, window, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -454,8 +458,11 @@ def _backward_key_kernel(
     lo, hi = _real_keys(Lengths, b, n_k, PAD)
     offset = n_k - n_q
     first_query = 0
+    last_query = n_q
     if IS_CAUSAL:
         first_query = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+        # The last query whose window reaches the tile's last key.
+        last_query = tl.minimum(n_q, (pid_n + 1) * BLOCK_N - 1 + window - offset)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for j in range(0, group):
@@ -463,7 +470,7 @@ def _backward_key_kernel(
         am1, inv, slope = _head_constants(Alpha, Slopes, b, h, slope_stride, HAS_ALIBI)
         row_base = (b * n_heads + h) * n_q
         live = Live + (b * n_heads + h) * n_tiles_m * n_tiles_n + pid_n
-        for start_m in range(first_query, n_q, BLOCK_M):
+        for start_m in range(first_query, last_query, BLOCK_M):
             if tl.load(live + (start_m // BLOCK_M) * n_tiles_n) != 0:
                 offs_m = start_m + offs_mb
                 rows = offs_m < n_q
@@ -474,7 +481,9 @@ def _backward_key_kernel(
                 do = _load_tile(DO + b * sob + h * soh, offs_m, offs_dv, som, sod, n_q, VALUE_DIM)
                 delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
                 q_pos = offs_m + offset
-                s = _scores(q, k, offs_n, q_pos, lo, hi, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+                s = _scores(
+                    q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION
+                )
                 p, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
                 dv += _dot(tl.trans(p), do, PRECISION)
                 dk += _dot(tl.trans(ds), q, PRECISION)
