@@ -18,6 +18,8 @@ VARIANTS = [
     {"alpha": 2.0, "scaling": "learned-temperature", "positions": "alibi"},
     {"alpha": 1.5, "learn_alpha": True, "positions": "rope+nape", "scaling": "asentmax"},
     {"alpha": 1.25, "positions": "nope", "n_kv_heads": 1},
+    {"alpha": 1.5, "scaling": "asentmax", "window": 4, "window_layers": [0]},
+    {"alpha": 1.0, "positions": "rope", "window": 5},
 ]
 
 
@@ -89,6 +91,23 @@ def test_logits_of_the_last_positions_equal_those_of_the_full_forward(variant, c
             kept = model(ids[:, 9:], attention_mask=mask, cache=store, logits_to_keep=keep)
         rows = min(keep, 21 if cache is None else 12)
         torch.testing.assert_close(kept, full[:, 21 - rows :], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window_layers", [None, [1]])
+def test_a_window_limits_how_far_back_a_token_sees(window_layers):
+    """With every layer windowed, position t sees tokens from t - layers (W - 1) on, and no further;
+    one full layer sees them all."""
+    model = _model(alpha=1.5, window=3, window_layers=window_layers)
+    ids = torch.randint(0, 29, (1, 16))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 29
+    moved = (model(ids) - model(changed)).abs().amax(-1)[0]
+    reach = 2 * (3 - 1)
+    assert bool((moved[: reach + 1] > 0).all())
+    if window_layers is None:
+        assert bool((moved[reach + 1 :] == 0).all())
+    else:
+        assert bool((moved > 0).all())
 
 
 def test_a_paged_cache_refuses_row_maps_and_names_the_dense_one():
@@ -273,6 +292,9 @@ def test_bad_model_input_is_named(call, error, message):
         ({"positions": "yarn"}, "positions"),
         ({"dropout": 1.0}, "dropout"),
         ({"n_layers": 0}, "n_layers"),
+        ({"window": 0}, "window must be None or a positive integer"),
+        ({"window_layers": [0]}, "window_layers needs a window"),
+        ({"window": 4, "window_layers": [0, 4]}, r"window_layers must be layer indices in \[0, 4\)"),
     ],
 )
 def test_bad_config_is_named(fields, message):

@@ -43,6 +43,7 @@ def weight_summary(
     attn_mask: Tensor | KeyPadding | None = None,
     scale: float | None = None,
     alibi_slopes: Tensor | None = None,
+    window: int | None = None,
     first_query: int = 0,
     row_map: str | None = None,
     row_parameters: dict[str, Tensor] | None = None,
@@ -70,6 +71,7 @@ def weight_summary(
         attn_mask=attn_mask,
         alibi_slopes=alibi_slopes,
         device=q.device,
+        window=window,
     )
     work = compute_dtype(q.dtype)
     scale = 1 / math.sqrt(dim) if scale is None else scale

@@ -61,6 +61,8 @@ class SparseAttention(nn.Module):
             NAPE and "geometric" for ALiBi.
         rope_theta: RoPE base.
         is_causal: decoder (True) or bidirectional attention.
+        window: None, or a sliding window: each token attends to at most
+            this many most recent tokens, itself included (needs is_causal).
         backend: passed to :func:`sparsa.attention`.
         row_map: instead of alpha-entmax, a row map of the related work
             (:data:`sparsa.normalize.ROW_MAPS`), its per-head parameters
@@ -95,6 +97,7 @@ class SparseAttention(nn.Module):
         alibi_slopes: str | None = None,
         rope_theta: float = 10000.0,
         is_causal: bool = True,
+        window: int | None = None,
         backend: str = "auto",
         row_map: str | None = None,
         row_options: dict | None = None,
@@ -131,7 +134,11 @@ class SparseAttention(nn.Module):
                 raise ValueError(f"rope needs an even head_dim, got {head_dim}")
 
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.is_causal, self.backend = is_causal, backend
+        if window is not None:
+            _check_positive("window", window)
+            if not is_causal:
+                raise ValueError("window needs is_causal=True: a sliding window holds the most recent tokens")
+        self.is_causal, self.window, self.backend = is_causal, window, backend
         self.rope_theta = float(rope_theta) if scheme.rope else None
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
@@ -182,7 +189,10 @@ class SparseAttention(nn.Module):
         """Multiplier (B, H, N) of the queries, 1 on heads that are not scaled; None without scaling."""
         if self.scaling is None:
             return None
-        log_n = length_log(layout.visible_keys(self.is_causal), compute_dtype(x.dtype))
+        visible = layout.visible_keys(self.is_causal)
+        if self.window is not None:
+            visible = visible.clamp_max(self.window)
+        log_n = length_log(visible, compute_dtype(x.dtype))
         return scale_heads(self.scaling, x, log_n, self.n_heads, self.scaled_heads)
 
     def forward(
@@ -217,6 +227,7 @@ class SparseAttention(nn.Module):
         options = {
             **self.weighting(),
             "is_causal": self.is_causal,
+            "window": self.window,
             "attn_mask": layout.key_padding,
             "alibi_slopes": self.alibi_slopes,
         }

@@ -79,6 +79,7 @@ class PagedLayerCache:
                 self.pages,
                 alpha=options["alpha"],
                 alibi_slopes=options["alibi_slopes"],
+                window=options["window"],
             )
         return out
 

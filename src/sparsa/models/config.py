@@ -23,6 +23,9 @@ class TransformerConfig:
     go to the scaling module. ``row_map`` replaces alpha-entmax by a row map
     of the related work (``row_options`` fixed, its per-head parameters
     learnt); ``gate`` adds gated attention ("head" or "element").
+    ``window`` gives the layers listed in ``window_layers`` (default: all) a
+    causal sliding window of that many tokens; the others attend to every
+    token, as in hybrid local/global stacks (Gemma 2 and 3, GPT-OSS).
     """
 
     vocab_size: int
@@ -47,6 +50,8 @@ class TransformerConfig:
     row_map: str | None = None
     row_options: dict = field(default_factory=dict)
     gate: str | None = None
+    window: int | None = None
+    window_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
@@ -84,6 +89,22 @@ class TransformerConfig:
             raise ValueError(f"row_options {self.row_options} need a row_map (a variant with one)")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window <= 0
+        ):
+            raise ValueError(f"window must be None or a positive integer, got {self.window!r}")
+        if self.window_layers is not None:
+            if self.window is None:
+                raise ValueError("window_layers needs a window")
+            wrong = [i for i in self.window_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+            if wrong:
+                raise ValueError(f"window_layers must be layer indices in [0, {self.n_layers}), got {wrong}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (None: it attends to every token)."""
+        if self.window_layers is None or layer in self.window_layers:
+            return self.window
+        return None
 
     @property
     def head_dim(self) -> int:

@@ -23,7 +23,7 @@ WEIGHTS_FILE = "model.safetensors"
 class Block(nn.Module):
     """x + attention(norm(x)), then x + mlp(norm(x)), with dropout on both branches."""
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, layer: int) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attention = SparseAttention(
@@ -38,6 +38,7 @@ class Block(nn.Module):
             positions=config.positions,
             alibi_slopes=config.alibi_slopes,
             rope_theta=config.rope_theta,
+            window=config.layer_window(layer),
             backend=config.backend,
             row_map=config.row_map,
             row_options=config.row_options,
@@ -68,7 +69,7 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
