@@ -421,8 +421,8 @@ def test_unconverted_modules_and_unsupported_options_raise():
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(ValueError, match="causal sliding windows only"):
         sparsa_attention(module, q, q[:, :2], q[:, :2], None, is_causal=False, sliding_window=1)
-    with pytest.raises(ValueError, match="soft-capped"):
-        sparsa_attention(module, q, q[:, :2], q[:, :2], None, softcap=30.0)
+    with pytest.raises(ValueError, match="additive position biases"):
+        sparsa_attention(module, q, q[:, :2], q[:, :2], None, position_bias=torch.zeros(1))
 
 
 def test_the_fine_tuning_example_runs(tmp_path, monkeypatch, capsys):

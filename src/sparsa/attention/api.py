@@ -18,7 +18,7 @@ from .reference import reference_attention, reference_row_map_attention
 from .stats import AttentionStats
 
 
-def _triton_attention(q, k, v, alpha, bias, scale, stats):
+def _triton_attention(q, k, v, alpha, bias, scale, stats, sinks):
     from .triton import triton_attention
 
     return triton_attention(q, k, v, alpha, bias, scale, stats)
@@ -38,6 +38,8 @@ def attention(
     attn_mask: Tensor | KeyPadding | None = None,
     scale: float | None = None,
     alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
     backend: str = "auto",
     return_stats: bool = False,
     dropout_p: float = 0.0,
@@ -66,11 +68,18 @@ def attention(
             per-batch key counts (left or right padding) without a mask tensor.
         scale: multiplies q k^T; default 1/sqrt(D).
         alibi_slopes: (H,) or (B, H); adds slope * (key_pos - query_pos).
+        softcap: a soft cap c > 0 on the content scores: s = scale q.k becomes
+            c tanh(s / c) before biases and masks are added (Gemma 2's
+            ``attn_logit_softcapping``).
+        sinks: (H,) one learnt logit per head that joins every row as a score
+            with no value (GPT-OSS's attention sinks): it takes part in the
+            normalizer, so it takes weight from the keys, and under entmax a
+            row may give every key zero weight. Its gradient is computed.
         backend: "reference" (dense, the ground truth), "blocked"
             (memory-efficient, O(N) extra memory per head), "triton" (fused
             kernels: CUDA, or Triton's interpreter on CPU; alpha in (1, 2],
-            alpha = 1 runs the blocked softmax path; no attn_mask tensor) or
-            "auto" (triton on CUDA where it applies, blocked elsewhere).
+            alpha = 1 runs the blocked softmax path; no attn_mask tensor, softcap
+            or sinks) or "auto" (triton on CUDA where it applies, blocked elsewhere).
         return_stats: also return :class:`AttentionStats` (per-row tau and
             support size, skipped fraction).
         dropout_p: attention dropout (weights zeroed with this probability,
@@ -83,7 +92,7 @@ def attention(
             ``row_parameters`` (tensors (H,), learnt by the caller; default
             their start values) and fixed ``row_options``. Runs in the
             "reference" and "blocked" backends ("auto" picks blocked); no
-            ``return_stats`` (row maps have no entmax threshold).
+            ``return_stats`` (row maps have no entmax threshold) and no sinks.
 
     Rows with no visible key give zeros and zero gradients. Non-finite inputs
     behave as in torch, in every backend: a NaN score (from q, k, a float
@@ -110,6 +119,8 @@ def attention(
             f"is_causal needs Nq <= Nk (queries aligned to the end of the keys), got {n_q} > {k.shape[2]}"
         )
     _check_window(window, is_causal)
+    _check_softcap(softcap)
+    _check_sinks(sinks, heads, q.device)
     alpha = _check_alpha(alpha, heads, q.device)
     scale = 1 / math.sqrt(dim) if scale is None else _check_scale(scale)
     if backend not in (*BACKENDS, "auto"):
@@ -130,8 +141,11 @@ def attention(
         alibi_slopes=alibi_slopes,
         device=q.device,
         window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
     )
     if row_map is not None:
+        if sinks is not None:
+            raise ValueError(f"sinks join entmax thresholds; row map {row_map!r} takes none")
         return _row_map_attention(
             q,
             k,
@@ -146,16 +160,19 @@ def attention(
             float(dropout_p),
         )
     if dropout_p > 0:
-        out, stats = reference_attention(q, k, v, alpha, bias, scale, return_stats, float(dropout_p))
+        out, stats = reference_attention(
+            q, k, v, alpha, bias, scale, return_stats, float(dropout_p), sinks=sinks
+        )
         return (out, stats) if return_stats else out
     if backend == "auto":
-        backend = "triton" if _triton_applies(q, alpha, attn_mask) else "blocked"
+        fused = softcap is None and sinks is None and _triton_applies(q, alpha, attn_mask)
+        backend = "triton" if fused else "blocked"
     elif backend == "triton":
-        _check_triton(alpha, attn_mask)
+        _check_triton(alpha, attn_mask, softcap, sinks)
         if isinstance(alpha, float) and alpha == 1.0:
             backend = "blocked"
     run = BACKENDS[backend]
-    out, stats = run(q, k, v, alpha, bias, scale, return_stats)
+    out, stats = run(q, k, v, alpha, bias, scale, return_stats, sinks=sinks)
     return (out, stats) if return_stats else out
 
 
@@ -216,6 +233,29 @@ def _check_window(window: int | None, is_causal: bool) -> None:
         raise ValueError("window needs is_causal=True: a sliding window holds the most recent keys")
 
 
+def _check_softcap(softcap: float | None) -> None:
+    if softcap is None:
+        return
+    if (
+        isinstance(softcap, bool)
+        or not isinstance(softcap, Real)
+        or not math.isfinite(softcap)
+        or softcap <= 0
+    ):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+
+
+def _check_sinks(sinks: Tensor | None, heads: int, device: torch.device) -> None:
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor ({heads},) or None")
+    if sinks.shape != (heads,):
+        raise ValueError(f"sinks must have shape ({heads},) (one logit per head), got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device}, q on {device}")
+
+
 def _check_alpha(alpha: float | Tensor, heads: int, device: torch.device) -> float | Tensor:
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point():
@@ -255,9 +295,12 @@ def _is_sparse_alpha(alpha: float | Tensor) -> bool:
     return bool(((values > 1) & (values <= 2)).all())
 
 
-def _check_triton(alpha: float | Tensor, attn_mask) -> None:
+def _check_triton(alpha: float | Tensor, attn_mask, softcap: float | None, sinks: Tensor | None) -> None:
     if importlib.util.find_spec("triton") is None:
         raise ValueError("backend 'triton' needs the triton package: pip install 'sparsa[triton]'")
+    for name, value in (("softcap", softcap), ("sinks", sinks)):
+        if value is not None:
+            raise ValueError(f"backend 'triton' does not implement {name}; use 'blocked'")
     if isinstance(attn_mask, Tensor):
         raise ValueError(
             "backend 'triton' takes is_causal, KeyPadding and ALiBi; an attn_mask tensor needs 'blocked'"

@@ -142,7 +142,9 @@ def _times(a: Tensor, b: Tensor | list[Tensor], transpose: bool = False) -> Tens
 class _Layout:
     """Shapes and per-block views shared by the forward and the backward."""
 
-    def __init__(self, q: Tensor, k: Tensor, alpha: float | Tensor, bias: ScoreBias) -> None:
+    def __init__(
+        self, q: Tensor, k: Tensor, alpha: float | Tensor, bias: ScoreBias, sinks: Tensor | None = None
+    ) -> None:
         self.batch, self.heads, self.n_q, self.dim = q.shape
         self.kv_heads, self.n_k = k.shape[1], k.shape[2]
         self.group = self.heads // self.kv_heads
@@ -150,6 +152,7 @@ class _Layout:
         self.work = compute_dtype(q.dtype)
         self.bias = bias
         self.alpha = alpha
+        self.sinks = None if sinks is None else sinks.detach().to(self.work)
         self.block = query_block_size(self.batch, self.heads, self.n_k)
         if bias.window is not None:
             # Each row scores the block's span plus the window: blocks about as long as the window
@@ -200,9 +203,9 @@ class _Layout:
         """Biased scores (B * Hkv, rows, width) of scaled query rows (B * Hkv, rows, D) against
         keys ``keys`` of the flat k, in ``out`` if given (not differentiable then)."""
         if out is None:
-            out = q_rows @ k[:, keys].transpose(-1, -2)
+            out = self.bias.capped(q_rows @ k[:, keys].transpose(-1, -2))
         else:
-            torch.bmm(q_rows, k[:, keys].transpose(-1, -2), out=out)
+            self.bias.cap_(torch.bmm(q_rows, k[:, keys].transpose(-1, -2), out=out))
         self.bias.apply_(out.view(self.batch, self.heads, end - start, -1), start, end, keys.start)
         return out
 
@@ -226,23 +229,40 @@ class _Layout:
                     torch.mm(q_rows[unit], k[unit, rest].T, out=held[i])
             else:
                 torch.bmm(q_rows[bucket.units], k[bucket.units, rest].transpose(-1, -2), out=held)
+            self.bias.cap_(held)
             view = held.view(units, self.group, end - start, -1)
             positions = torch.arange(rest.start, rest.stop, device=out.device).expand(units, -1)
             batch, heads = self.unit_batch[bucket.units], self.unit_heads[bucket.units]
             self.bias.apply_at_(view, start, end, batch, heads, positions)
         return out
 
-    def bucket_scores(self, bucket: _Bucket, q_rows: Tensor, k, positions, start: int, end: int) -> Tensor:
+    def bucket_scores(
+        self, bucket: _Bucket, q_rows: Tensor, k, positions, start: int, end: int
+    ) -> tuple[Tensor, Tensor | None]:
         """Biased scores (U, rows, W) of a bucket's scaled query rows against its keys ``k``
-        (from :meth:`_Bucket.keys_of`) at ``positions``."""
-        scores = _times(bucket.rows_of(q_rows), k, transpose=True)
+        (from :meth:`_Bucket.keys_of`) at ``positions``, and the soft cap's slope at them (None
+        without a cap)."""
+        scores = self.bias.cap_(_times(bucket.rows_of(q_rows), k, transpose=True))
+        slope = self.bias.cap_slope(scores)
         if bucket.units is None:
             self.bias.apply_(scores.view(self.batch, self.heads, end - start, -1), start, end, bucket.first)
         else:
             units = bucket.units
             view = scores.view(units.numel(), self.group, end - start, -1)
             self.bias.apply_at_(view, start, end, self.unit_batch[units], self.unit_heads[units], positions)
-        return scores
+        return scores, slope
+
+    def sink_rows(self, start: int, end: int, units: Tensor | None = None) -> Tensor | None:
+        """(U, group * rows, 1): the sink logit of each query row of the units; None without sinks."""
+        if self.sinks is None:
+            return None
+        heads = self.unit_heads if units is None else self.unit_heads[units]
+        return self.sinks[heads][..., None].expand(-1, -1, end - start).reshape(heads.shape[0], -1, 1)
+
+    def with_sinks(self, scores: Tensor, start: int, end: int, units: Tensor | None) -> Tensor:
+        """Scores (U, rows, W) with each row's sink as one more column (the last), if there are sinks."""
+        sink = self.sink_rows(start, end, units)
+        return scores if sink is None else torch.cat([scores, sink], -1)
 
     def row_alpha(self, start: int, end: int, units: Tensor | None = None) -> float | Tensor:
         if isinstance(self.alpha, float):
@@ -302,11 +322,15 @@ class _KeyBounds:
         # and the seed's largest score is at most the row's (docs/mathematics.md). (The exact
         # threshold of the seed's top scores ruled out no more blocks on the lookup model, at 20x the cost.)
         largest = seed_scores.amax(-1).view(-1)
+        sink = layout.sink_rows(start, end)
+        if sink is not None:
+            # The sink is one more score of the row: the largest may be it.
+            largest = torch.maximum(largest, sink.view(-1))
         cutoff = torch.where(alpha > 1, largest - 1 / (alpha - 1).clamp_min(1e-30), float("-inf"))
         # A +inf score makes its row NaN: NaN keeps every block, as the dense path would.
         cutoff = torch.where(largest == float("inf"), float("nan"), cutoff).view(layout.units, -1, 1)
         signed = torch.cat([q_rows.clamp_min(0), q_rows.clamp_max(0)], -1)
-        content = signed @ self.extremes[:, candidates].transpose(-1, -2)
+        content = layout.bias.cap_(signed @ self.extremes[:, candidates].transpose(-1, -2))
         position = layout.bias.block_bound(start, end, candidates, KEY_BLOCK, layout.work)
         position = position.expand(layout.batch, layout.heads, end - start, -1).reshape(content.shape)
         slack = BOUND_SLACK * (
@@ -386,9 +410,9 @@ class _Plan(NamedTuple):
 
 class BlockedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha_tensor, alpha_float, bias, scale, count_support):
+    def forward(ctx, q, k, v, alpha_tensor, sinks, alpha_float, bias, scale, count_support):
         alpha = alpha_float if alpha_tensor is None else alpha_tensor.detach()
-        layout = _Layout(q, k, alpha, bias)
+        layout = _Layout(q, k, alpha, bias, sinks)
         flat_k, flat_v = layout.flat(k), layout.flat(v)
         out = q.new_zeros(layout.batch, layout.heads, layout.n_q, v.shape[-1])
         m = q.new_zeros(layout.batch, layout.heads, layout.n_q, dtype=layout.work)
@@ -438,12 +462,15 @@ class BlockedAttention(torch.autograd.Function):
                 else:
                     gathered = positions[:, : positions.shape[1] - (seed.stop - seed.start)]
                     bucket_k = bucket.keys_of(flat_k, keys, gathered)
-                    own = layout.bucket_scores(bucket, q_rows, bucket_k, gathered, plan.start, end)
+                    own, _ = layout.bucket_scores(bucket, q_rows, bucket_k, gathered, plan.start, end)
                     scores = torch.cat([own, bucket.rows_of(seed_scores)], -1)
                 width = scores.shape[-1]
+                row_scores = layout.with_sinks(scores, plan.start, end, bucket.units)
                 alpha_rows = layout.row_alpha(plan.start, end, bucket.units)
-                weights, block_m, block_s = entmax_rows(scores.view(-1, width), alpha_rows, layout.compiled)
-                weights = weights.view(scores.shape)
+                weights, block_m, block_s = entmax_rows(
+                    row_scores.view(-1, row_scores.shape[-1]), alpha_rows, layout.compiled
+                )
+                weights = weights.view(row_scores.shape)[..., :width]
                 block_out = _times(weights, bucket.keys_of(flat_v, keys, positions))
                 layout.per_unit(out, plan.start, end, bucket, block_out)
                 layout.per_unit(m, plan.start, end, bucket, block_m)
@@ -457,7 +484,7 @@ class BlockedAttention(torch.autograd.Function):
                 # budget allows at this block's widths.
                 grown = min(MAX_GROWN_QUERY_BLOCK, SCORE_BLOCK_BUDGET // (entries * layout.group))
                 block = max(layout.block, grown)
-        ctx.save_for_backward(q, k, v, m, s, alpha_tensor)
+        ctx.save_for_backward(q, k, v, m, s, alpha_tensor, sinks)
         ctx.layout_args = (alpha, bias, scale, plans)
         skipped = torch.tensor(1 - scored / max(1, layout.batch * layout.heads * layout.n_q * layout.n_k))
         share = (unscored / max(1, visible_blocks)).view(layout.batch, layout.kv_heads, 1)
@@ -467,9 +494,9 @@ class BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        q, k, v, m, s, alpha_tensor = ctx.saved_tensors
+        q, k, v, m, s, alpha_tensor, sinks = ctx.saved_tensors
         alpha, bias, scale, plans = ctx.layout_args
-        layout = _Layout(q, k, alpha, bias)
+        layout = _Layout(q, k, alpha, bias, sinks)
         flat_k, flat_v = layout.flat(k), layout.flat(v)
         grad_q = torch.zeros(q.shape, dtype=layout.work, device=q.device)
         # One spare key row per unit takes the (zero) gradients of the padding positions.
@@ -477,6 +504,8 @@ class BlockedAttention(torch.autograd.Function):
         grad_v = torch.zeros(layout.units, layout.n_k + 1, v.shape[-1], dtype=layout.work, device=v.device)
         alpha_grad = alpha_tensor is not None and ctx.needs_input_grad[3]
         grad_alpha = torch.zeros(layout.heads, dtype=layout.work, device=q.device) if alpha_grad else None
+        sink_grad = sinks is not None and ctx.needs_input_grad[4]
+        grad_sinks = torch.zeros(layout.heads, dtype=layout.work, device=q.device) if sink_grad else None
         for start, end, keys, buckets in plans:
             q_rows = layout.grouped(q, start, end)
             grad_rows = layout.grouped(grad_out, start, end)
@@ -484,7 +513,9 @@ class BlockedAttention(torch.autograd.Function):
                 positions = None if bucket.units is None else bucket.positions(keys)
                 bucket_k = bucket.keys_of(flat_k, keys, positions)
                 bucket_v = bucket.keys_of(flat_v, keys, positions)
-                scores = layout.bucket_scores(bucket, scale * q_rows, bucket_k, positions, start, end)
+                scores, slope = layout.bucket_scores(bucket, scale * q_rows, bucket_k, positions, start, end)
+                keys_width = scores.shape[-1]
+                scores = layout.with_sinks(scores, start, end, bucket.units)
                 width = scores.shape[-1]
                 row_alpha = layout.row_alpha(start, end, bucket.units)
                 block_m = layout.unit_rows(m, start, end, bucket)
@@ -494,12 +525,22 @@ class BlockedAttention(torch.autograd.Function):
                 )
                 del scores
                 unit_q, unit_grad = bucket.rows_of(q_rows), bucket.rows_of(grad_rows)
-                grad_weights = _times(unit_grad, bucket_v, transpose=True).view(-1, width)
+                grad_weights = _times(unit_grad, bucket_v, transpose=True)
+                # The sink carries no value: its weight's gradient is zero, yet it joins the Jacobian.
+                grad_weights = torch.nn.functional.pad(grad_weights, (0, width - keys_width)).view(-1, width)
                 grad_scores, grad_row_alpha = entmax_rows_backward(
                     weights, grad_weights, row_alpha, alpha_grad, layout.compiled
                 )
-                grad_scores = grad_scores.view(-1, q_rows.shape[1], width) * scale
-                weights = weights.view(grad_scores.shape)
+                grad_scores = grad_scores.view(-1, q_rows.shape[1], width)
+                weights = weights.view(grad_scores.shape)[..., :keys_width]
+                if grad_sinks is not None:
+                    heads = layout.unit_heads if bucket.units is None else layout.unit_heads[bucket.units]
+                    per_row = grad_scores[..., keys_width].reshape(heads.shape[0], layout.group, -1)
+                    grad_sinks.index_add_(0, heads.reshape(-1), per_row.sum(-1).reshape(-1))
+                grad_scores = grad_scores[..., :keys_width]
+                if slope is not None:
+                    grad_scores = grad_scores * slope
+                grad_scores = grad_scores * scale
                 layout.per_unit(grad_q, start, end, bucket, _times(grad_scores, bucket_k))
                 bucket.accumulate(grad_k, keys, positions, grad_scores, unit_q)
                 bucket.accumulate(grad_v, keys, positions, weights, unit_grad)
@@ -516,6 +557,7 @@ class BlockedAttention(torch.autograd.Function):
             grad_k.to(k.dtype),
             grad_v.to(v.dtype),
             None if grad_alpha is None else grad_alpha.to(alpha_tensor.dtype),
+            None if grad_sinks is None else grad_sinks.to(sinks.dtype),
             None,
             None,
             None,
@@ -524,13 +566,20 @@ class BlockedAttention(torch.autograd.Function):
 
 
 def blocked_attention(
-    q: Tensor, k: Tensor, v: Tensor, alpha: float | Tensor, bias: ScoreBias, scale: float, stats: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    bias: ScoreBias,
+    scale: float,
+    stats: bool,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, AttentionStats | None]:
-    """alpha-entmax attention without materialising (Nq, Nk); alpha float or (H,)."""
+    """alpha-entmax attention without materialising (Nq, Nk); alpha float or (H,); sinks (H,) or None."""
     alpha_tensor = alpha if isinstance(alpha, Tensor) else None
     alpha_float = alpha if isinstance(alpha, float) else None
     out, m, s, support, skipped, unscored = BlockedAttention.apply(
-        q, k, v, alpha_tensor, alpha_float, bias, scale, stats
+        q, k, v, alpha_tensor, sinks, alpha_float, bias, scale, stats
     )
     if not stats:
         return out, None

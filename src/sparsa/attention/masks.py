@@ -1,4 +1,4 @@
-"""Everything that is added to or masks attention scores, computed once per block.
+"""Everything that is added to, masks or caps attention scores, computed once per block.
 
 Positions follow torch's convention for ``is_causal`` with Nq <= Nk: query i
 sits at position Nk - Nq + i and key j at position j, so a chunk of queries
@@ -75,7 +75,8 @@ class KeyPadding:
 
 
 class ScoreBias:
-    """Causal mask, ALiBi, an explicit mask and key padding for scores of shape (B, H, Nq, Nk)."""
+    """Causal mask, sliding window, ALiBi, an explicit mask and key padding for scores of shape
+    (B, H, Nq, Nk), and the soft cap of the content scores they are added to."""
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class ScoreBias:
         alibi_slopes: Tensor | None,
         device: torch.device,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         self.batch, self.heads = batch, heads
         self.n_q, self.n_k = n_q, n_k
@@ -112,6 +114,21 @@ class ScoreBias:
         self.slopes = None if alibi_slopes is None else _check_slopes(alibi_slopes, batch, heads)
         # A window that reaches back past the first key hides nothing: the same as none.
         self.window = window if window is not None and window < n_k else None
+        self.softcap = softcap
+
+    def capped(self, scores: Tensor) -> Tensor:
+        """:func:`soft_capped` content scores."""
+        return soft_capped(scores, self.softcap)
+
+    def cap_(self, scores: Tensor) -> Tensor:
+        """:meth:`capped` in place (not differentiable); the cap is increasing, so it also caps bounds."""
+        if self.softcap is not None:
+            scores.div_(self.softcap).tanh_().mul_(self.softcap)
+        return scores
+
+    def cap_slope(self, capped: Tensor) -> Tensor | None:
+        """d capped / d score, 1 - (capped / c)^2, from the capped scores; None without a cap."""
+        return None if self.softcap is None else 1 - (capped / self.softcap) ** 2
 
     def key_start(self, q_start: int) -> int:
         """Keys before this index lie outside the window of every query from ``q_start`` on."""
@@ -248,6 +265,12 @@ class ScoreBias:
             else:
                 scores.add_(mask.to(scores.dtype))
         return scores
+
+
+def soft_capped(scores: Tensor, softcap: float | None) -> Tensor:
+    """Content scores (scale q.k) under a soft cap, c tanh(s / c), applied before any bias (as Gemma 2
+    caps them); unchanged without a cap. Differentiable and increasing, so it also caps bounds."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
 def _check_mask(mask: Tensor, shape: tuple[int, int, int, int]) -> Tensor:

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from ..normalize import entmax
-from .api import _check_alpha, _check_scale, attention
-from .masks import KeyPadding
+from .api import _check_alpha, _check_scale, _check_sinks, _check_softcap, _check_window, attention
+from .masks import KeyPadding, soft_capped
 from .sketch_kernels import calibration, integer_dots
 from .stats import thresholds_of
 
@@ -271,6 +271,8 @@ def decode(
     scale: float | None = None,
     alibi_slopes: Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
     max_dropped_mass: float = 0.0,
     dense_below: int = DENSE_BELOW,
     return_stats: bool = False,
@@ -287,9 +289,13 @@ def decode(
         alibi_slopes: (H,) or (B, H), non-negative; adds slope * (key_pos - query_pos).
         window: each query sees at most its ``window`` most recent keys (a
             sliding window); pages wholly before it are never read.
+        softcap, sinks: as in :func:`sparsa.attention` (the cap is applied to
+            the page bounds too, which it keeps bounds; each sink joins the
+            threshold of every subset of keys read).
         max_dropped_mass: 0 (default) is exact: the same as
             ``sparsa.attention(q, K, V, alpha=alpha, is_causal=True, window=window,
-            attn_mask=KeyPadding(lengths, "left"), alibi_slopes=...)`` over the
+            softcap=softcap, sinks=sinks, attn_mask=KeyPadding(lengths, "left"),
+            alibi_slopes=...)`` over the
             left-padded cache. eps > 0 stops reading once the weight that all
             unread keys could still take is at most eps (reported per row).
         dense_below: a cache whose rows all hold fewer keys than this is decoded
@@ -321,9 +327,10 @@ def decode(
     slopes = _check_slopes(alibi_slopes, q.shape[0], heads, q.device)
     if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
         raise ValueError(f"dense_below must be an integer >= 0, got {dense_below!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive integer or None, got {window!r}")
-    rows = _Rows(q, cache, alpha_heads, slopes, scale, window)
+    _check_window(window, True)
+    _check_softcap(softcap)
+    _check_sinks(sinks, heads, q.device)
+    rows = _Rows(q, cache, alpha_heads, slopes, scale, window, softcap, sinks)
     out, stats = rows.decode(float(max_dropped_mass), dense_below, alpha, alibi_slopes, return_stats)
     return (out, stats) if return_stats else out
 
@@ -332,7 +339,15 @@ class _Rows:
     """The query rows of one decode call, flattened to (R = B * H * Nq,), with their page bounds."""
 
     def __init__(
-        self, q: Tensor, cache: PagedKVCache, alpha: Tensor, slopes: Tensor, scale: float, window: int | None
+        self,
+        q: Tensor,
+        cache: PagedKVCache,
+        alpha: Tensor,
+        slopes: Tensor,
+        scale: float,
+        window: int | None,
+        softcap: float | None,
+        sinks: Tensor | None,
     ) -> None:
         batch, heads, n_q, dim = q.shape
         self.q, self.cache, self.scale = q, cache, scale
@@ -346,7 +361,10 @@ class _Rows:
         self.alpha = alpha[self.h]
         self.slope = slopes[self.b, self.h]
         self.query = q.reshape(-1, dim).float()
-        self.window = window
+        self.window = None if window is None else int(window)
+        self.softcap = None if softcap is None else float(softcap)
+        self.sinks = sinks
+        self.sink = None if sinks is None else sinks.detach().float()[self.h]
         # The first key each row sees: its window's, or the first of all.
         self.first_key = torch.zeros_like(self.position) if window is None else (self.position - window + 1)
         self.first_key = self.first_key.clamp_min(0)
@@ -375,7 +393,10 @@ class _Rows:
         largest_key = cache.key_scale[:, :, first:pages].amax(-1) * SKETCH_LEVELS
         size = q.abs().sum(-1, keepdim=True) * largest_key[:, :, None, None]
         page = torch.arange(first, pages, device=q.device)
-        bound = (dot + BOUND_MARGIN * size).reshape(-1, pages - first) * self.scale + self._page_bias(page)
+        content = soft_capped(
+            (dot + BOUND_MARGIN * size).reshape(-1, pages - first) * self.scale, self.softcap
+        )
+        bound = content + self._page_bias(page)
         hidden = (page >= self.end_page[:, None]) | (page < self.first_page[:, None])
         bound = _unbounded_where_nan(bound).masked_fill(hidden, -math.inf)
         return torch.nn.functional.pad(bound, (first, 0), value=-math.inf)
@@ -391,6 +412,7 @@ class _Rows:
         taken = torch.arange(pages.shape[1], device=pages.device) < count[:, None]
         keys = cache.keys[self.b[:, None], self.g[:, None], pages]
         scores = torch.bmm(keys.flatten(1, 2).float(), self.query[:, :, None]).squeeze(-1) * self.scale
+        scores = soft_capped(scores, self.softcap)
         slot = pages[:, :, None] * cache.page_size + torch.arange(cache.page_size, device=pages.device)
         slot = slot.flatten(1)
         scores = scores + self.slope[:, None] * (slot - self.position[:, None])
@@ -404,12 +426,19 @@ class _Rows:
         first = torch.clamp(self.visible_pages, max=width)
         _, pages = self._best_pages(int(first.max()))
         scores = self._scores(pages, first)
-        weights = _weights(scores, self.alpha)
-        tau = thresholds_of(scores, weights, self.alpha[:, None])
+        # The sink is in every row: the threshold of a subset with it bounds the row's from below.
+        joined = self._with_sink(scores)
+        weights = _weights(joined, self.alpha)
+        tau = thresholds_of(joined, weights, self.alpha[:, None])
+        weights = weights[:, : scores.shape[1]]
         held = (weights > 0).sum(-1) / torch.isfinite(scores).sum(-1).clamp_min(1)
         # A NaN among the scores read gives a NaN tau, which proves nothing: no page is ruled out.
         tau = (tau - BOUND_MARGIN * (1 + tau.abs())).nan_to_num(nan=-math.inf)
         return tau, held
+
+    def _with_sink(self, scores: Tensor) -> Tensor:
+        """Scores (R, W) with each row's sink logit as one more column (the last), if there are sinks."""
+        return scores if self.sink is None else torch.cat([scores, self.sink[:, None]], 1)
 
     def _candidates(self, tau: Tensor) -> Tensor:
         """Pages whose bound could beat tau, per row (for softmax rows: every visible page)."""
@@ -473,7 +502,8 @@ class _Rows:
             largest = largest + (0.5 + BOUND_MARGIN) * q.abs().sum(-1, keepdim=True)
             bounds[row, kv_head, :, first:] = cache.key_scale[row, kv_head, first:pages] * largest
         page = torch.arange(pages, device=bounds.device)
-        return _unbounded_where_nan(bounds.view(-1, pages) * self.scale + self._page_bias(page))
+        content = soft_capped(bounds.view(-1, pages) * self.scale, self.softcap)
+        return _unbounded_where_nan(content + self._page_bias(page))
 
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
@@ -555,7 +585,7 @@ class _Rows:
         cache = self.cache
         pages, needed, dense = self.plan(max_dropped_mass, dense_below)
         scores = self._scores(pages, needed)
-        p = _weights(scores, self.alpha)
+        p = _weights(self._with_sink(scores), self.alpha)[:, : scores.shape[1]]
         values = cache.values[self.b[:, None], self.g[:, None], pages].flatten(1, 2).float()
         out = torch.bmm(p[:, None, :], values).squeeze(1).to(self.q.dtype).view(*self.shape, -1)
         keys_read = torch.isfinite(scores).sum(-1)
@@ -568,8 +598,9 @@ class _Rows:
         sketch_pages = cache.pages()[:, None].expand_as(dense)[self.sketched.view(self._groups).any(-1)]
         bytes_read += int(sketch_pages.sum()) * cache.page_size * (cache.head_dim + 2)
         if bool(dense.any()):
+            options = dict(window=self.window, softcap=self.softcap, sinks=self.sinks)
             dense_support = _dense_decode(
-                self.q, cache, alpha, self.scale, alibi_slopes, self.window, dense, out, counted
+                self.q, cache, alpha, self.scale, alibi_slopes, options, dense, out, counted
             )
             support = torch.where(dense_rows, dense_support.reshape(-1), support)
             seen = torch.clamp(self.position + 1 - self.first_key, min=0)
@@ -625,12 +656,15 @@ def _dense_decode(
     alpha,
     scale: float,
     alibi_slopes: Tensor | None,
-    window: int | None,
+    options: dict,
     groups: Tensor,
     out: Tensor,
     counted: bool,
 ) -> Tensor:
-    """Dense attention of the (row, KV head) ``groups`` (B, Hkv) into ``out``; support if ``counted``."""
+    """Dense attention of the (row, KV head) ``groups`` (B, Hkv) into ``out``; support if ``counted``.
+
+    ``options``: the decode's window, softcap and sinks."""
+    window, sinks = options["window"], options["sinks"]
     batch, heads, n_q, _ = q.shape
     group = heads // cache.kv_heads
     support = torch.zeros(batch, heads, n_q, dtype=torch.long, device=q.device)
@@ -645,9 +679,8 @@ def _dense_decode(
         values = cache.values.view(batch, cache.kv_heads, -1, cache.value_dim)[:, :, :length]
         causal = n_q > 1 or window is not None
         result = attention(
-            q, keys, values, alpha=alpha, is_causal=causal, window=window, scale=scale,
-            alibi_slopes=alibi_slopes, attn_mask=None if causal else KeyPadding(lengths, "right"),
-            return_stats=counted,
+            q, keys, values, alpha=alpha, is_causal=causal, scale=scale, alibi_slopes=alibi_slopes,
+            attn_mask=None if causal else KeyPadding(lengths, "right"), return_stats=counted, **options,
         )  # fmt: skip
         if counted:
             result, stats = result
@@ -675,6 +708,8 @@ def _dense_decode(
                 alpha=alpha[first:last] if isinstance(alpha, Tensor) else alpha,
                 is_causal=True,
                 window=window,
+                softcap=options["softcap"],
+                sinks=None if sinks is None else sinks[first:last],
                 scale=scale,
                 alibi_slopes=slopes,
                 return_stats=counted,

@@ -38,7 +38,7 @@ def _biased_scores(q: Tensor, k: Tensor, bias: ScoreBias, scale: float) -> Tenso
     work = compute_dtype(q.dtype)
     # Heads h = g_kv * group + j share key/value head g_kv: group the queries instead of repeating K and V.
     grouped_q = q.to(work).reshape(batch, kv_heads, heads // kv_heads * n_q, -1)
-    scores = (scale * grouped_q @ k.to(work).transpose(-1, -2)).view(batch, heads, n_q, n_k)
+    scores = bias.capped(scale * grouped_q @ k.to(work).transpose(-1, -2)).view(batch, heads, n_q, n_k)
     return bias.apply_(scores, 0, n_q)
 
 
@@ -47,7 +47,7 @@ def _weighted_values(weights: Tensor, v: Tensor, dropout_p: float, dtype: torch.
     batch, heads, n_q, n_k = weights.shape
     kv_heads = v.shape[1]
     kept = torch.nn.functional.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    out = kept.view(batch, kv_heads, heads // kv_heads * n_q, n_k) @ v.to(weights.dtype)
+    out = kept.reshape(batch, kv_heads, heads // kv_heads * n_q, n_k) @ v.to(weights.dtype)
     return out.view(batch, heads, n_q, -1).to(dtype)
 
 
@@ -60,21 +60,27 @@ def reference_attention(
     scale: float,
     stats: bool,
     dropout_p: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, AttentionStats | None]:
     """alpha-entmax attention of (B, H, Nq, D) queries over (B, Hkv, Nk, D) keys; alpha float or (H,).
 
     ``dropout_p`` > 0 zeroes weights at random and rescales the rest, as
     torch's attention dropout does; stats describe the weights before it.
+    ``sinks`` (H,): one more score per row that carries no value.
     """
     scores = _biased_scores(q, k, bias, scale)
     head_alpha = alpha if isinstance(alpha, float) else alpha.to(scores.dtype).view(1, q.shape[1], 1, 1)
-    weights = entmax(scores, head_alpha, dim=-1)
+    if sinks is not None:
+        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink_column], -1)
+    row_weights = entmax(scores, head_alpha, dim=-1)
+    weights = row_weights if sinks is None else row_weights[..., :-1]
     out = _weighted_values(weights, v, dropout_p, q.dtype)
     if not stats:
         return out, None
     with torch.no_grad():
         return out, AttentionStats(
-            tau=thresholds_of(scores, weights, head_alpha),
+            tau=thresholds_of(scores, row_weights, head_alpha),
             support=(weights > 0).sum(-1),
             skipped_fraction=0.0,
             unscored_key_blocks=torch.zeros(q.shape[1]),

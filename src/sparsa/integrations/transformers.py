@@ -56,11 +56,7 @@ IMPLEMENTATION = "sparsa"
 CONFIG_KEY = "sparsa"
 """The model-config attribute that records the conversion (saved in config.json)."""
 
-UNSUPPORTED_CALL_OPTIONS = {
-    "softcap": "soft-capped scores",
-    "s_aux": "attention sinks",
-    "position_bias": "additive position biases",
-}
+UNSUPPORTED_CALL_OPTIONS = {"position_bias": "additive position biases"}
 
 
 class SparsaControls(nn.Module):
@@ -163,6 +159,8 @@ def sparsa_attention(
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     if attention_mask is not None:
         attention_mask = _fit_mask(attention_mask, n_k)
+    # Gemma 2's soft-capped scores and GPT-OSS's attention sinks (one logit per head).
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     window = kwargs.get("sliding_window")
     # A causal window at least as long as the keys hides none of them: plain causal attention.
     if window is not None and n_k <= window:
@@ -189,7 +187,8 @@ def sparsa_attention(
                 f"a PagedCache certifies alpha-entmax weights; row map {controls.row_map!r} decodes with "
                 "transformers' dense caches"
             )
-        out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, scaling, window)
+        options = dict(scale=scaling, window=window, softcap=softcap, sinks=sinks)
+        out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, options)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None:
@@ -207,6 +206,8 @@ def sparsa_attention(
         **controls.weighting(),
         is_causal=causal and (n_q > 1 or in_order or window is not None),
         window=window,
+        softcap=softcap,
+        sinks=sinks,
         attn_mask=attention_mask,
         scale=scaling,
         backend=controls.backend,
@@ -287,14 +288,14 @@ class PagedLayer(DynamicLayer):
         mask: Tensor | None,
         visible: Tensor,
         alpha: float | Tensor,
-        scale: float | None,
-        window: int | None,
+        options: dict,
     ) -> Tensor | None:
         """Append the chunk; None for the prompt (the caller attends over it), else the decoded output.
 
-        ``visible`` (B,) is the number of keys the mask lets each row's last query see; ``window``
-        the layer's sliding window where it hides keys.
+        ``visible`` (B,) is the number of keys the mask lets each row's last query see; ``options``
+        the layer's scale, sliding window (where it hides keys), soft cap and sinks for ``decode``.
         """
+        window = options["window"]
         if self.pages is None:
             padding = None if mask is None else KeyPadding.of_causal_mask(mask, window)
             if mask is not None and padding is None:
@@ -312,8 +313,8 @@ class PagedLayer(DynamicLayer):
                 "that are not padding of the prompt"
             )
         out = decode(
-            query, self.pages, alpha=alpha, scale=scale, window=window,
-            max_dropped_mass=self.max_dropped_mass, return_stats=self.keep_stats,
+            query, self.pages, alpha=alpha, max_dropped_mass=self.max_dropped_mass,
+            return_stats=self.keep_stats, **options,
         )  # fmt: skip
         if self.keep_stats:
             out, self.stats = out
@@ -540,10 +541,6 @@ def _check_supported(config) -> None:
     if other:
         raise ValueError(
             f"sparsa attention implements full and sliding-window attention; this model has layers {other}"
-        )
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise ValueError(
-            "sparsa attention does not implement soft-capped scores (attn_logit_softcapping is set)"
         )
 
 
