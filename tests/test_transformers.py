@@ -546,3 +546,55 @@ def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys
     assert "| llama | converts |" in capsys.readouterr().out
     assert main(["bench", "hf", "--models", "nosuch"]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def _sharpened(family: str):
+    """A tiny Gemma 2 (soft-capped scores, a window of 4 on every other layer) or GPT-OSS (attention
+    sinks, windows, experts) whose queries are scaled up and sinks drawn at random, so that the cap
+    and the sinks change the logits."""
+    sizes = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4,
+    )  # fmt: skip
+    if family == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**sizes, attn_logit_softcapping=2.0))
+    else:
+        config = transformers.GptOssConfig(**sizes, num_local_experts=4, num_experts_per_tok=2)
+        model = transformers.GptOssForCausalLM(config)
+    with torch.no_grad():
+        for module in attention_modules(model):
+            module.q_proj.weight.mul_(40)
+            module.k_proj.weight.mul_(10)
+            if hasattr(module, "sinks"):
+                module.sinks.copy_(2 * torch.randn_like(module.sinks))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_soft_capped_and_sink_families_match_and_generate_with_a_paged_cache(family):
+    torch.manual_seed(0)
+    original = _sharpened(family)
+    ids, mask = _left_padded_batch(length=12)
+    model = sparsify(copy.deepcopy(original), 1.0)
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            expected = original(ids, attention_mask=attention_mask).logits
+            keep = slice(None) if attention_mask is None else attention_mask.bool()
+            got = model(ids, attention_mask=attention_mask).logits
+            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+        # The cap and the sinks matter here: without them the logits move by far more than the tolerance.
+        plain = copy.deepcopy(original)
+        if family == "gemma2":
+            plain.config.attn_logit_softcapping = None
+            for module in attention_modules(plain):
+                module.attn_logit_softcapping = None
+        else:
+            for module in attention_modules(plain):
+                module.sinks.fill_(float("-inf"))
+        assert float((plain(ids).logits - original(ids).logits).abs().max()) > 1e-3
+    sparse = sparsify(copy.deepcopy(original), 1.5)
+    for rows, row_mask in ((ids[:1], None), (ids, mask)):
+        paged_tokens, paged_scores = _generate(sparse, rows, row_mask, 6, PagedCache(sparse, page_size=4))
+        tokens, scores = _generate(sparse, rows, row_mask, 6)
+        assert torch.equal(paged_tokens, tokens)
+        torch.testing.assert_close(paged_scores, scores, atol=1e-4, rtol=1e-4)
