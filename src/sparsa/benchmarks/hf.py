@@ -39,8 +39,8 @@ TINY = {
     "shared_expert_intermediate_size": 32,
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
-    "qk_rope_head_dim": 4,
-    "qk_nope_head_dim": 4,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
     "v_head_dim": 8,
     "sliding_window": 4,
 }
@@ -124,12 +124,17 @@ def _tiny_config(transformers, model_type: str):
         del sizes["sliding_window"]
     while True:
         try:
-            return transformers.AutoConfig.for_model(model_type, **sizes)
+            config = transformers.AutoConfig.for_model(model_type, **sizes)
+            break
         except (AttributeError, TypeError, ValueError) as error:
             refused = [name for name in sizes if name in str(error)]
             if not refused:
                 raise
             del sizes[refused[0]]
+    if hasattr(config, "kv_lora_rank"):
+        # Multi-head latent attention (DeepSeek) expands its latent keys to every query head.
+        config.num_key_value_heads = config.num_attention_heads
+    return config
 
 
 def _one_line(error: Exception) -> str:
