@@ -5,7 +5,7 @@ import torch
 from torch.autograd import gradcheck
 
 import sparsa
-from sparsa.attention import KeyPadding, PagedKVCache, blocked, decode
+from sparsa.attention import KeyPadding, PagedKVCache, attention_weights, blocked, decode
 from test_attention import assert_same, head_alpha, make, run_both
 
 SINKS = torch.tensor([0.5, 3.0, -1.0, 1.5])
@@ -183,3 +183,13 @@ def test_decode_of_left_padded_rows_with_sinks():
         q, k, v, alpha=1.5, sinks=SINKS, softcap=5.0, is_causal=True, attn_mask=padding, backend="reference"
     )
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_attention_weights_are_what_the_values_get():
+    torch.manual_seed(6)
+    q, k, v = make(2, 4, 2, 9, 13, 8, dtype=torch.float64, spread=2.0)
+    options = dict(alpha=1.5, is_causal=True, window=6, softcap=2.0, sinks=SINKS.double())
+    weights = attention_weights(q, k, **options)
+    assert weights.shape == (2, 4, 9, 13)
+    torch.testing.assert_close(weights @ v.repeat_interleave(2, 1), sparsa.attention(q, k, v, **options))
+    assert bool((weights.sum(-1) < 1 + 1e-12).all()) and bool((weights == 0).any())

@@ -598,3 +598,31 @@ def test_soft_capped_and_sink_families_match_and_generate_with_a_paged_cache(fam
         tokens, scores = _generate(sparse, rows, row_mask, 6)
         assert torch.equal(paged_tokens, tokens)
         torch.testing.assert_close(paged_scores, scores, atol=1e-4, rtol=1e-4)
+
+
+def test_output_attentions_returns_the_entmax_weights():
+    torch.manual_seed(0)
+    original = _tiny("llama")
+    original.set_attn_implementation("eager")
+    ids, mask = _left_padded_batch(length=10)
+    real_queries = mask.bool()[:, None, :, None]
+    with torch.no_grad():
+        expected = original(ids, attention_mask=mask, output_attentions=True).attentions
+        got = sparsify(copy.deepcopy(original), 1.0)(
+            ids, attention_mask=mask, output_attentions=True
+        ).attentions
+        assert len(got) == len(expected) == 2
+        for a, b in zip(got, expected, strict=True):
+            # Eager softmax spreads a padding query's row over hidden keys; sparsa gives it zeros.
+            torch.testing.assert_close(a.masked_fill(~real_queries, 0), b.masked_fill(~real_queries, 0))
+        sparse = sparsify(copy.deepcopy(original), 1.5)
+        weights = sparse(ids, attention_mask=mask, output_attentions=True).attentions[0]
+    rows = weights.sum(-1)[real_queries[..., 0].expand_as(weights[..., 0])]
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+    assert bool((weights == 0).any())
+    assert bool((weights[~mask.bool()[:, None, None, :].expand_as(weights)] == 0).all())
+    cache = PagedCache(sparse)
+    sparse(ids, attention_mask=mask, **{CACHE_ARGUMENT: cache})
+    step = dict(attention_mask=torch.cat([mask, mask[:, :1]], 1), output_attentions=True)
+    with pytest.raises(ValueError, match="output_attentions needs transformers' dynamic cache"):
+        sparse(ids[:, :1], **step, **{CACHE_ARGUMENT: cache})

@@ -1,6 +1,6 @@
 """Attention: q, k, v -> output with alpha-entmax weights, dense or memory-efficient; paged decoding."""
 
-from .api import BACKENDS, attention
+from .api import BACKENDS, attention, attention_weights
 from .diagnostics import WeightSummary, weight_summary
 from .masks import KeyPadding
 from .paged import DecodeStats, PagedKVCache, decode
@@ -14,6 +14,7 @@ __all__ = [
     "PagedKVCache",
     "WeightSummary",
     "attention",
+    "attention_weights",
     "decode",
     "weight_summary",
 ]

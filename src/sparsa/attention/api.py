@@ -14,7 +14,7 @@ from ..normalize._validate import compute_dtype
 from ..normalize.rowmaps import get_row_map
 from .blocked import blocked_attention, blocked_row_map_attention
 from .masks import KeyPadding, ScoreBias
-from .reference import reference_attention, reference_row_map_attention
+from .reference import reference_attention, reference_row_map_attention, reference_weights
 from .stats import AttentionStats
 
 
@@ -111,38 +111,13 @@ def attention(
         True
     """
     _check_qkv(q, k, v)
-    batch, heads, n_q, dim = q.shape
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if is_causal and n_q > k.shape[2]:
-        raise ValueError(
-            f"is_causal needs Nq <= Nk (queries aligned to the end of the keys), got {n_q} > {k.shape[2]}"
-        )
-    _check_window(window, is_causal)
-    _check_softcap(softcap)
-    _check_sinks(sinks, heads, q.device)
-    alpha = _check_alpha(alpha, heads, q.device)
-    scale = 1 / math.sqrt(dim) if scale is None else _check_scale(scale)
+    alpha, scale, bias = _scores_setup(
+        q, k, alpha, is_causal, window, attn_mask, scale, alibi_slopes, softcap, sinks
+    )
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if alibi_slopes is not None and alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
-    if isinstance(attn_mask, Tensor) and attn_mask.device != q.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
-    bias = ScoreBias(
-        batch,
-        heads,
-        n_q,
-        k.shape[2],
-        is_causal=is_causal,
-        attn_mask=attn_mask,
-        alibi_slopes=alibi_slopes,
-        device=q.device,
-        window=None if window is None else int(window),
-        softcap=None if softcap is None else float(softcap),
-    )
     if row_map is not None:
         if sinks is not None:
             raise ValueError(f"sinks join entmax thresholds; row map {row_map!r} takes none")
@@ -174,6 +149,67 @@ def attention(
     run = BACKENDS[backend]
     out, stats = run(q, k, v, alpha, bias, scale, return_stats, sinks=sinks)
     return (out, stats) if return_stats else out
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    alpha: float | Tensor = 1.5,
+    is_causal: bool = False,
+    window: int | None = None,
+    attn_mask: Tensor | KeyPadding | None = None,
+    scale: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """The alpha-entmax weights (B, H, Nq, Nk) that :func:`attention` gives its values, computed densely.
+
+    Arguments mean what they mean for :func:`attention` (a sink's own weight
+    is left out, so rows sum to less than 1 where it takes some). This holds
+    B H Nq Nk numbers at once: for inspecting sparsity, not for long
+    sequences. Differentiable.
+    """
+    _check_qkv(q, k, k)
+    alpha, scale, bias = _scores_setup(
+        q, k, alpha, is_causal, window, attn_mask, scale, alibi_slopes, softcap, sinks
+    )
+    _, weights = reference_weights(q, k, alpha, bias, scale, sinks)
+    return weights[..., : k.shape[2]]
+
+
+def _scores_setup(q, k, alpha, is_causal, window, attn_mask, scale, alibi_slopes, softcap, sinks):
+    """The checked alpha and scale, and the :class:`ScoreBias`, that every entry point starts from."""
+    batch, heads, n_q, dim = q.shape
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and n_q > k.shape[2]:
+        raise ValueError(
+            f"is_causal needs Nq <= Nk (queries aligned to the end of the keys), got {n_q} > {k.shape[2]}"
+        )
+    _check_window(window, is_causal)
+    _check_softcap(softcap)
+    _check_sinks(sinks, heads, q.device)
+    alpha = _check_alpha(alpha, heads, q.device)
+    scale = 1 / math.sqrt(dim) if scale is None else _check_scale(scale)
+    if alibi_slopes is not None and alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
+    if isinstance(attn_mask, Tensor) and attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
+    bias = ScoreBias(
+        batch,
+        heads,
+        n_q,
+        k.shape[2],
+        is_causal=is_causal,
+        attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes,
+        device=q.device,
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
+    )
+    return alpha, scale, bias
 
 
 def _row_map_attention(q, k, v, name, parameters, options, bias, scale, backend, return_stats, dropout_p):

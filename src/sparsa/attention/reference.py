@@ -51,6 +51,21 @@ def _weighted_values(weights: Tensor, v: Tensor, dropout_p: float, dtype: torch.
     return out.view(batch, heads, n_q, -1).to(dtype)
 
 
+def reference_weights(
+    q: Tensor, k: Tensor, alpha: float | Tensor, bias: ScoreBias, scale: float, sinks: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The rows' scores (B, H, Nq, Nk, plus one last column per row with sinks) and their entmax weights."""
+    scores = _biased_scores(q, k, bias, scale)
+    if sinks is not None:
+        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink_column], -1)
+    return scores, entmax(scores, _head_alpha(alpha, scores), dim=-1)
+
+
+def _head_alpha(alpha: float | Tensor, scores: Tensor) -> float | Tensor:
+    return alpha if isinstance(alpha, float) else alpha.to(scores.dtype).view(1, -1, 1, 1)
+
+
 def reference_attention(
     q: Tensor,
     k: Tensor,
@@ -68,16 +83,12 @@ def reference_attention(
     torch's attention dropout does; stats describe the weights before it.
     ``sinks`` (H,): one more score per row that carries no value.
     """
-    scores = _biased_scores(q, k, bias, scale)
-    head_alpha = alpha if isinstance(alpha, float) else alpha.to(scores.dtype).view(1, q.shape[1], 1, 1)
-    if sinks is not None:
-        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-        scores = torch.cat([scores, sink_column], -1)
-    row_weights = entmax(scores, head_alpha, dim=-1)
+    scores, row_weights = reference_weights(q, k, alpha, bias, scale, sinks)
     weights = row_weights if sinks is None else row_weights[..., :-1]
     out = _weighted_values(weights, v, dropout_p, q.dtype)
     if not stats:
         return out, None
+    head_alpha = _head_alpha(alpha, scores)
     with torch.no_grad():
         return out, AttentionStats(
             tau=thresholds_of(scores, row_weights, head_alpha),

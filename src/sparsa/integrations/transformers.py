@@ -28,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import warnings
 from collections.abc import Sequence
 from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
-from ..attention import BACKENDS, DecodeStats, KeyPadding, PagedKVCache, attention, decode
+from ..attention import BACKENDS, DecodeStats, KeyPadding, PagedKVCache, attention, attention_weights, decode
 from ..layers import SCALINGS, alpha_from_logit, learnable_alpha, length_log, make_scaling, scale_heads
 from ..layers.attention import row_map_parameters, weighting_options
 from ..normalize._validate import compute_dtype
@@ -57,6 +58,8 @@ CONFIG_KEY = "sparsa"
 """The model-config attribute that records the conversion (saved in config.json)."""
 
 UNSUPPORTED_CALL_OPTIONS = {"position_bias": "additive position biases"}
+WEIGHTS_WARNING_ENTRIES = 1 << 27
+"""output_attentions warns from this many weights per layer on (half a gigabyte in fp32)."""
 
 
 class SparsaControls(nn.Module):
@@ -130,7 +133,7 @@ def sparsa_attention(
     scaling: float | None = None,
     is_causal: bool | None = None,
     **kwargs,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature over :func:`sparsa.attention`.
 
     query (B, H, Nq, D), key and value (B, Hkv, Nk, D) as the model passes
@@ -142,7 +145,9 @@ def sparsa_attention(
     it needs: one query after the cache sees every key, and Nq
     queries over Nk >= Nq keys (prefilling an empty static cache) are the
     first Nq keys, as with torch SDPA's ``is_causal``. Returns the output as
-    (B, Nq, H, D) and no weights.
+    (B, Nq, H, D), and with ``output_attentions`` (in the call or the
+    config) the entmax weights (B, H, Nq, Nk), computed densely, as eager
+    attention gives them; None otherwise.
     """
     for option, what in UNSUPPORTED_CALL_OPTIONS.items():
         if kwargs.get(option) is not None:
@@ -154,6 +159,14 @@ def sparsa_attention(
             "sparsa.integrations.transformers.sparsify(model, ...) or load it with from_pretrained"
         )
     pages, controls.pages = controls.pages, None
+    wants_weights = bool(
+        kwargs.get("output_attentions")
+        or getattr(getattr(module, "config", None), "output_attentions", False)
+    )
+    if wants_weights and controls.row_map is not None:
+        raise ValueError(
+            f"output_attentions returns alpha-entmax weights; row map {controls.row_map!r} has none"
+        )
     n_q = query.shape[2]
     n_k = key.shape[2] if pages is None else pages.positions
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -187,6 +200,11 @@ def sparsa_attention(
                 f"a PagedCache certifies alpha-entmax weights; row map {controls.row_map!r} decodes with "
                 "transformers' dense caches"
             )
+        if wants_weights:
+            raise ValueError(
+                "output_attentions needs transformers' dynamic cache: a PagedCache never reads the pages "
+                "that hold no weight"
+            )
         options = dict(scale=scaling, window=window, softcap=softcap, sinks=sinks)
         out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, options)
         if out is not None:
@@ -199,21 +217,33 @@ def sparsa_attention(
             attention_mask, causal = padding, True
     # One query sees every key either way; row maps that read keys in causal order still say so.
     in_order = controls.row_map is not None and get_row_map(controls.row_map).causal
-    out = attention(
-        query,
-        key,
-        value,
-        **controls.weighting(),
+    options = dict(
         is_causal=causal and (n_q > 1 or in_order or window is not None),
         window=window,
         softcap=softcap,
         sinks=sinks,
         attn_mask=attention_mask,
         scale=scaling,
+    )
+    out = attention(
+        query,
+        key,
+        value,
+        **controls.weighting(),
+        **options,
         backend=controls.backend,
         dropout_p=float(dropout),
     )
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if wants_weights:
+        entries = query.shape[0] * query.shape[1] * n_q * key.shape[2]
+        if entries >= WEIGHTS_WARNING_ENTRIES:
+            warnings.warn(
+                f"output_attentions holds {entries:,} weights per layer at once (B x H x Nq x Nk)",
+                stacklevel=2,
+            )
+        weights = attention_weights(query, key, alpha=controls.alpha, **options).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def _fit_mask(mask: Tensor, n_k: int) -> Tensor:
