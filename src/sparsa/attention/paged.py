@@ -289,9 +289,10 @@ def decode(
         alibi_slopes: (H,) or (B, H), non-negative; adds slope * (key_pos - query_pos).
         window: each query sees at most its ``window`` most recent keys (a
             sliding window); pages wholly before it are never read.
-        softcap, sinks: as in :func:`sparsa.attention` (the cap is applied to
-            the page bounds too, which it keeps bounds; each sink joins the
-            threshold of every subset of keys read).
+        softcap: as in :func:`sparsa.attention`; the cap is applied to the
+            page bounds too (it is increasing, so they stay bounds).
+        sinks: as in :func:`sparsa.attention`; each row's sink joins the
+            threshold of every subset of keys read.
         max_dropped_mass: 0 (default) is exact: the same as
             ``sparsa.attention(q, K, V, alpha=alpha, is_causal=True, window=window,
             softcap=softcap, sinks=sinks, attn_mask=KeyPadding(lengths, "left"),
