@@ -541,7 +541,7 @@ def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys
     assert rows["llama"]["paged"] == rows["gpt_neox"]["paged"] == "same"
     assert rows["mistral"]["paged"] == "same"
     assert rows["llama"]["max_logit_difference"] <= hf.MATCH
-    assert rows["bloom"]["status"] == "refused" and "attention module" in rows["bloom"]["reason"]
+    assert rows["bloom"]["status"] == "converts" and rows["bloom"]["paged"] == "same"
     assert main(["bench", "hf", "--models", "llama", "--out", str(tmp_path)]) == 0
     assert "| llama | converts |" in capsys.readouterr().out
     assert main(["bench", "hf", "--models", "nosuch"]) == 2
@@ -626,3 +626,55 @@ def test_output_attentions_returns_the_entmax_weights():
     step = dict(attention_mask=torch.cat([mask, mask[:, :1]], 1), output_attentions=True)
     with pytest.raises(ValueError, match="output_attentions needs transformers' dynamic cache"):
         sparse(ids[:, :1], **step, **{CACHE_ARGUMENT: cache})
+
+
+def _greedy_steps(model, ids, mask, steps, cache):
+    """Last-position logits (steps, B, V) of greedy decoding, one forward per token over ``cache``."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    found = []
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, use_cache=True, **{CACHE_ARGUMENT: cache}).logits[:, -1]
+        for _ in range(steps):
+            found.append(logits)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(token, attention_mask=mask, use_cache=True, **{CACHE_ARGUMENT: cache}).logits[
+                :, -1
+            ]
+    return torch.stack(found)
+
+
+def _alibi_family(family: str):
+    if family == "bloom":
+        config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+        return transformers.BloomForCausalLM(config).eval()
+    config = transformers.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    return transformers.MptForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_families_convert_through_their_adapters(family, tmp_path):
+    """BLOOM and MPT add ALiBi inside their modules; the adapters pass their slopes to sparsa."""
+    torch.manual_seed(0)
+    original = _alibi_family(family)
+    ids, mask = _left_padded_batch(length=12)
+    model = sparsify(copy.deepcopy(original), 1.0)
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            expected = original(ids, attention_mask=attention_mask).logits
+            keep = slice(None) if attention_mask is None else attention_mask.bool()
+            got = model(ids, attention_mask=attention_mask).logits
+            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+        for module in attention_modules(model):
+            module.sparsa.alibi_slopes.zero_()
+        assert float((model(ids).logits - original(ids).logits).abs().max()) > 1e-4
+    sparse = sparsify(copy.deepcopy(original), 1.5, scaling="asentmax")
+    # Stepped by hand: MPT's generate feeds the whole sequence again at every step in transformers 5.
+    for rows, row_mask in ((ids[:1], None), (ids, mask)):
+        paged = _greedy_steps(sparse, rows, row_mask, 6, PagedCache(sparse, page_size=4))
+        torch.testing.assert_close(
+            paged, _greedy_steps(sparse, rows, row_mask, 6, transformers.DynamicCache())
+        )
+    sparse.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(str(tmp_path)).eval()(ids).logits, sparse(ids).logits)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import types
 import warnings
 from collections.abc import Sequence
 from numbers import Real
@@ -105,6 +106,8 @@ class SparsaControls(nn.Module):
         self.input: Tensor | None = None
         self.pages: PagedLayer | None = None
         """The :class:`PagedCache` layer that took this module's new keys, until attention reads it."""
+        self.register_buffer("alibi_slopes", None, persistent=False)
+        """(H,) for the families whose module adds ALiBi itself (BLOOM, MPT); None otherwise."""
 
     @property
     def alpha(self) -> float | Tensor:
@@ -132,6 +135,7 @@ def sparsa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    alibi_slopes: Tensor | None = None,
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature over :func:`sparsa.attention`.
@@ -147,7 +151,8 @@ def sparsa_attention(
     first Nq keys, as with torch SDPA's ``is_causal``. Returns the output as
     (B, Nq, H, D), and with ``output_attentions`` (in the call or the
     config) the entmax weights (B, H, Nq, Nk), computed densely, as eager
-    attention gives them; None otherwise.
+    attention gives them; None otherwise. ``alibi_slopes`` (H,) come from
+    the adapters of families that add ALiBi in their own modules.
     """
     for option, what in UNSUPPORTED_CALL_OPTIONS.items():
         if kwargs.get(option) is not None:
@@ -205,7 +210,7 @@ def sparsa_attention(
                 "output_attentions needs transformers' dynamic cache: a PagedCache never reads the pages "
                 "that hold no weight"
             )
-        options = dict(scale=scaling, window=window, softcap=softcap, sinks=sinks)
+        options = dict(scale=scaling, window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
         out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, options)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
@@ -224,6 +229,7 @@ def sparsa_attention(
         sinks=sinks,
         attn_mask=attention_mask,
         scale=scaling,
+        alibi_slopes=alibi_slopes,
     )
     out = attention(
         query,
@@ -422,12 +428,17 @@ class PagedCache(Cache):
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of a transformers model that dispatch through ``AttentionInterface``.
+    """The attention modules of a transformers model that dispatch through ``AttentionInterface``,
+    and those of the families sparsa has an adapter for (:data:`ADAPTERS`).
 
     Found by what their forward calls (transformers' registry of attention functions), not by
     attribute names, which differ between families (``head_dim``, ``head_size``, ...).
     """
-    return [m for m in model.modules() if hasattr(m, "config") and _dispatches_through_interface(m)]
+    return [
+        m
+        for m in model.modules()
+        if (hasattr(m, "config") and _dispatches_through_interface(m)) or type(m).__name__ in ADAPTERS
+    ]
 
 
 def _dispatches_through_interface(module: nn.Module) -> bool:
@@ -484,8 +495,8 @@ def sparsify(
     if any(isinstance(getattr(m, "sparsa", None), SparsaControls) for m in modules):
         raise ValueError("model is already converted by sparsify()")
     _check_supported(config)
-    n_heads = _config_value(modules[0].config, "num_attention_heads")
-    d_model = _config_value(modules[0].config, "hidden_size")
+    n_heads = _config_value(getattr(modules[0], "config", config), "num_attention_heads")
+    d_model = _config_value(getattr(modules[0], "config", config), "hidden_size")
     settings = {
         "alpha": _check_alpha(alpha),
         "scaling": _check_scaling(scaling),
@@ -501,11 +512,21 @@ def sparsify(
     for module, control in zip(modules, controls, strict=True):
         reference = next(module.parameters())
         module.sparsa = control.to(reference.device, reference.dtype)
+        adapter = ADAPTERS.get(type(module).__name__)
+        if adapter is not None:
+            forward, slopes = adapter
+            module.forward = types.MethodType(forward, module)
+            module.sparsa.alibi_slopes = slopes(n_heads).to(reference.device)
         if settings["scaling"] is not None:
             module.register_forward_pre_hook(_remember_input, with_kwargs=True)
             module.register_forward_hook(_forget_input, with_kwargs=True)
     setattr(config, CONFIG_KEY, settings)
-    if hasattr(model, "set_attn_implementation"):
+    # The adapted families' models build eager masks, which their adapters read (a model loaded
+    # by from_pretrained comes with the sparsa implementation and is switched back).
+    # (Their models refuse set_attn_implementation: they have no attention functions to switch.)
+    if all(type(module).__name__ in ADAPTERS for module in modules):
+        config._attn_implementation = "eager"
+    elif hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(IMPLEMENTATION)
     else:
         config._attn_implementation = IMPLEMENTATION
@@ -610,3 +631,77 @@ def _check_backend(backend: str) -> str:
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {backend!r}")
     return backend
+
+
+# Families whose attention modules add ALiBi in their own forward instead of calling an attention
+# function: their forward is replaced by one that computes the same projections, updates the same
+# cache and calls :func:`sparsa_attention` with the family's slopes. ALiBi there adds slope * key
+# position; sparsa adds slope * (key - query position), which differs by a constant per row, and
+# entmax, like softmax, does not change when a row is shifted.
+
+
+def _cache_argument(kwargs: dict):
+    """The layer cache, under whichever name this transformers release passes it."""
+    for name in ("layer_past", "cache", "past_key_values", "past_key_value"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _bloom_forward(self, hidden_states, residual, alibi=None, attention_mask=None, **kwargs):
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    batch, n, _ = hidden_states.shape
+    fused = self.query_key_value(hidden_states).view(batch, n, self.num_heads, 3, self.head_dim)
+    query, key, value = (fused[..., i, :].transpose(1, 2) for i in range(3))
+    cache = _cache_argument(kwargs)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    # BLOOM's model builds an additive eager mask (0 or the dtype's minimum).
+    keep = None if attention_mask is None else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    out, weights = sparsa_attention(
+        self, query, key, value, keep, dropout=self.attention_dropout.p if self.training else 0.0,
+        scaling=self.inv_norm_factor, alibi_slopes=self.sparsa.alibi_slopes,
+        output_attentions=kwargs.get("output_attentions"),
+    )  # fmt: skip
+    out = self.dense(out.reshape(batch, n, -1))
+    return dropout_add(out, residual, self.hidden_dropout, self.training), weights
+
+
+def _bloom_slopes(n_heads: int) -> Tensor:
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    # The bias of key position 1 is the slope.
+    return build_alibi_tensor(torch.ones(1, 2), n_heads, torch.float32)[:, 0, 1]
+
+
+def _mpt_forward(self, hidden_states, position_bias=None, attention_mask=None, **kwargs):
+    batch, n, _ = hidden_states.shape
+    mixed = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    query, key, value = (
+        x.reshape(batch, n, self.n_heads, self.head_dim).transpose(1, 2) for x in mixed.chunk(3, dim=2)
+    )
+    cache = _cache_argument(kwargs)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    # MPT's model passes a bool mask with True where a key is hidden.
+    keep = None if attention_mask is None else ~attention_mask
+    out, weights = sparsa_attention(
+        self, query, key, value, keep, dropout=self.attn_dropout_p if self.training else 0.0,
+        scaling=self.softmax_scale, alibi_slopes=self.sparsa.alibi_slopes,
+    )  # fmt: skip
+    return self.out_proj(out.reshape(batch, n, -1)), weights
+
+
+def _mpt_slopes(n_heads: int) -> Tensor:
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    # MPT's model builds its bias with the default alibi_bias_max; consecutive keys differ by the slope.
+    bias = build_mpt_alibi_tensor(n_heads, 2)[:, 0]
+    return (bias[:, 1] - bias[:, 0]).float()
+
+
+ADAPTERS = {"BloomAttention": (_bloom_forward, _bloom_slopes), "MptAttention": (_mpt_forward, _mpt_slopes)}
+"""Attention module class name -> (its sparsa forward, its ALiBi slopes for H heads)."""
