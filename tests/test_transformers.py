@@ -567,6 +567,8 @@ def _sharpened(family: str):
             module.k_proj.weight.mul_(10)
             if hasattr(module, "sinks"):
                 module.sinks.copy_(2 * torch.randn_like(module.sinks))
+    # transformers 4.56 runs them with torch SDPA by default, which leaves the soft cap out.
+    model.set_attn_implementation("eager")
     return model.eval()
 
 
