@@ -288,3 +288,11 @@ def test_sliding_windows(n_q, n_k, window, padding):
         q, k, v, alpha=1.5, is_causal=True, window=window, attn_mask=mask, backend="triton", return_stats=True
     )
     assert bool((stats.support <= window).all())
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "softcap", "alibi"), [(70, 70, 0.5, True), (1, 130, 2.0, False)])
+def test_soft_capped_scores(n_q, n_k, softcap, alibi):
+    """The cap before the ALiBi bias, and its slope in both backward kernels."""
+    q, k, v = _inputs(2, 4, 2, n_q, n_k, 16, torch.float32)
+    slopes = torch.tensor([0.5, 0.1, 0.0, 0.0], device=DEVICE) if alibi else None
+    _compare(q, k, v, torch.float32, alpha=1.5, is_causal=True, softcap=softcap, alibi_slopes=slopes)

@@ -64,6 +64,7 @@ class _Launch:
         self.is_causal = bias.is_causal
         # No window: one that reaches past the first key for every query.
         self.window = self.n_k + self.n_q if bias.window is None else bias.window
+        self.softcap = 1.0 if bias.softcap is None else bias.softcap
         slopes = bias.slopes
         self.has_alibi = slopes is not None
         if slopes is None:
@@ -86,6 +87,7 @@ class _Launch:
             "BLOCK_DV": _block(self.value_dim),
             "IS_CAUSAL": self.is_causal,
             "HAS_ALIBI": self.has_alibi,
+            "HAS_SOFTCAP": bias.softcap is not None,
             "PAD": self.pad,
             # fp32 inputs get exact fp32 products, not TF32 (1e-3 error) on GPUs.
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
@@ -127,7 +129,7 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
         q, k, v, out, u, w, stats, tile_max, live, passes, launch.alpha, launch.slopes, launch.lengths,
         *launch.strides(q, k, v, out),
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, launch.window,
-        *launch.tiles, kernels.NEWTON_TOLERANCE, kernels.MAX_PASSES,
+        launch.softcap, *launch.tiles, kernels.NEWTON_TOLERANCE, kernels.MAX_PASSES,
         ALPHA_GRAD=alpha_grad, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS,
         **launch.constants,
     )  # fmt: skip
@@ -150,14 +152,14 @@ def backward(launch: _Launch, q, k, v, d_out, stats, live, u):
     kernels._backward_query_kernel[grid](
         q, k, v, d_out, dq, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, launch.window,
-        *launch.tiles,
+        launch.softcap, *launch.tiles,
         **launch.constants,
     )  # fmt: skip
     grid = (launch.tiles[1], launch.batch * launch.kv_heads)
     kernels._backward_key_kernel[grid](
         q, k, v, d_out, dk, dv, stats, live, delta, launch.alpha, launch.slopes, launch.lengths, *strides,
         launch.heads, launch.kv_heads, launch.n_q, launch.n_k, launch.group, launch.scale,
-        launch.slope_stride, launch.window, *launch.tiles,
+        launch.slope_stride, launch.window, launch.softcap, *launch.tiles,
         **launch.constants,
     )  # fmt: skip
     return dq, dk, dv, delta

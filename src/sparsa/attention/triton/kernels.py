@@ -97,16 +97,31 @@ def _visible_keys(q_pos, rows, lo, hi, window, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale,
-            IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+def _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap,
+            IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            PRECISION: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_N) scores of a query tile against the key tile k at offs_n, -inf where masked."""
     s = _dot(q, tl.trans(k), PRECISION) * scale
+    if HAS_SOFTCAP:
+        # c tanh(s / c) from exp(-2 |s| / c) <= 1: no overflow, and no libdevice call.
+        t = tl.exp(-2.0 * tl.abs(s) / softcap)
+        s = tl.where(s < 0, -softcap, softcap) * (1.0 - t) / (1.0 + t)
     if HAS_ALIBI:
         s += slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
     keep = (offs_n[None, :] >= lo) & (offs_n[None, :] < hi)
     if IS_CAUSAL:
         keep = keep & (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _cap_slope(s, offs_n, q_pos, slope, softcap, HAS_ALIBI: tl.constexpr):
+    """d capped / d score at scores s (after their ALiBi bias and mask), 0 where masked."""
+    content = s
+    if HAS_ALIBI:
+        content = s - slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
+    ratio = tl.where(s == float("-inf"), 0.0, content / softcap)
+    return tl.where(s == float("-inf"), 0.0, 1.0 - ratio * ratio)
 
 
 @triton.jit
@@ -137,9 +152,10 @@ def _zero_cut(m, tau, inv, rows):
 @triton.jit
 def _threshold_pass(
     q, k_base, tile_max, m, tau, cut, lowest, spacing, start, end, offs_d, skn, skd, n_k, q_pos,
-    lo, hi, window, slope, scale, am1, inv,
+    lo, hi, window, slope, scale, softcap, am1, inv,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, COUNT_LEVELS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    COUNT_LEVELS: tl.constexpr,
 ):  # fmt: skip
     """Sums of d^p, d^(p-1) and d^(p-2) over a row's keys at tau (p = 1/(alpha-1)), skipping the key
     tiles at or below cut; with COUNT_LEVELS also the number of z above each level lowest + j spacing."""
@@ -152,7 +168,22 @@ def _threshold_pass(
         if tl.load(tile_max + first // BLOCK_N) > cut:
             offs_n = first + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-            s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            s = _scores(
+                q,
+                k,
+                offs_n,
+                q_pos,
+                lo,
+                hi,
+                window,
+                slope,
+                scale,
+                softcap,
+                IS_CAUSAL,
+                HAS_ALIBI,
+                HAS_SOFTCAP,
+                PRECISION,
+            )
             z = (s - m[:, None]) * am1
             d = z - tau[:, None]
             p, g = _powers(d, inv)
@@ -226,11 +257,12 @@ def _newton_update(tau, lower, upper, finished, total, slope_sum, curvature, bou
 def _forward_kernel(
     Q, K, V, Out, U, W, Stats, TileMax, Live, Passes, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_q, n_k, group, scale, slope_stride, window, n_tiles_m, n_tiles_n, tolerance, max_passes,
+    n_heads, n_q, n_k, group, scale, slope_stride, window, softcap, n_tiles_m, n_tiles_n, tolerance,
+    max_passes,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr, LEVELS: tl.constexpr,
-    BOUND_ITERATIONS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    LEVELS: tl.constexpr, BOUND_ITERATIONS: tl.constexpr,
 ):  # fmt: skip
     """TileMax (B * H, n_tiles_m, n_tiles_n) arrives filled with -inf (tiles no query sees stay so)
     and Live, int8 of the same shape, with zeros: the output pass sets the tiles with a nonzero
@@ -261,7 +293,22 @@ def _forward_kernel(
     for first in range(start, end, BLOCK_N):
         offs_n = first + offs_nb
         k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-        s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+        s = _scores(
+            q,
+            k,
+            offs_n,
+            q_pos,
+            lo,
+            hi,
+            window,
+            slope,
+            scale,
+            softcap,
+            IS_CAUSAL,
+            HAS_ALIBI,
+            HAS_SOFTCAP,
+            PRECISION,
+        )
         s = tl.where(rows[:, None], s, float("-inf"))
         non_finite += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32), 1)
         row_max, at = tl.max(s, 1, return_indices=True)
@@ -286,8 +333,8 @@ def _forward_kernel(
     if tl.sum((~finished).to(tl.int32)) > 0:
         total, slope_sum, curvature, above = _threshold_pass(
             q, k_base, tile_max, m, tau, _zero_cut(m, tau, inv, seen), lower, spacing, start, end, offs_d,
-            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, am1, inv,
-            HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, PRECISION, True,
+            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, softcap, am1, inv,
+            HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP, PRECISION, True,
         )  # fmt: skip
         bound = _level_bound(above, lower, spacing, inv, LEVELS, BOUND_ITERATIONS)
         tau, lower, upper, finished = _newton_update(
@@ -297,8 +344,8 @@ def _forward_kernel(
     while (tl.sum((~finished).to(tl.int32)) > 0) & (passes < max_passes):
         total, slope_sum, curvature, _ = _threshold_pass(
             q, k_base, tile_max, m, tau, _zero_cut(m, tau, inv, seen), lower, spacing, start, end, offs_d,
-            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, am1, inv,
-            HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, PRECISION, False,
+            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, softcap, am1, inv,
+            HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP, PRECISION, False,
         )  # fmt: skip
         tau, lower, upper, finished = _newton_update(
             tau, lower, upper, finished, total, slope_sum, curvature, lower, inv, tolerance
@@ -324,7 +371,22 @@ def _forward_kernel(
             tl.store(live + first // BLOCK_N, 1)
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-            s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            s = _scores(
+                q,
+                k,
+                offs_n,
+                q_pos,
+                lo,
+                hi,
+                window,
+                slope,
+                scale,
+                softcap,
+                IS_CAUSAL,
+                HAS_ALIBI,
+                HAS_SOFTCAP,
+                PRECISION,
+            )
             d = (s - m[:, None]) * am1 - tau[:, None]
             p, g = _powers(d, inv)
             v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
@@ -391,10 +453,10 @@ def _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION: tl.constexp
 def _backward_query_kernel(
     Q, K, V, DO, DQ, Stats, Live, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_q, n_k, group, scale, slope_stride, window, n_tiles_m, n_tiles_n,
+    n_heads, n_q, n_k, group, scale, slope_stride, window, softcap, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query tile; DO has O's strides, DQ has Q's."""
     pid_m = tl.program_id(0)
@@ -426,9 +488,26 @@ def _backward_query_kernel(
         if tl.load(live + first // BLOCK_N) != 0:
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-            s = _scores(q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION)
+            s = _scores(
+                q,
+                k,
+                offs_n,
+                q_pos,
+                lo,
+                hi,
+                window,
+                slope,
+                scale,
+                softcap,
+                IS_CAUSAL,
+                HAS_ALIBI,
+                HAS_SOFTCAP,
+                PRECISION,
+            )
             v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
             _, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
+            if HAS_SOFTCAP:
+                ds = ds * _cap_slope(s, offs_n, q_pos, slope, softcap, HAS_ALIBI)
             dq += _dot(ds, k, PRECISION)
     dq_mask = rows[:, None] & (offs_d[None, :] < HEAD_DIM)
     dq_ptrs = DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
@@ -439,10 +518,10 @@ def _backward_query_kernel(
 def _backward_key_kernel(
     Q, K, V, DO, DK, DV, Stats, Live, Delta, Alpha, Slopes, Lengths,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride, window, n_tiles_m, n_tiles_n,
+    n_heads, n_kv_heads, n_q, n_k, group, scale, slope_stride, window, softcap, n_tiles_m, n_tiles_n,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of a key tile, summed over the query heads of its group (no atomics); DK, DV: K, V strides."""
     pid_n = tl.program_id(0)
@@ -482,9 +561,24 @@ def _backward_key_kernel(
                 delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
                 q_pos = offs_m + offset
                 s = _scores(
-                    q, k, offs_n, q_pos, lo, hi, window, slope, scale, IS_CAUSAL, HAS_ALIBI, PRECISION
+                    q,
+                    k,
+                    offs_n,
+                    q_pos,
+                    lo,
+                    hi,
+                    window,
+                    slope,
+                    scale,
+                    softcap,
+                    IS_CAUSAL,
+                    HAS_ALIBI,
+                    HAS_SOFTCAP,
+                    PRECISION,
                 )
                 p, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
+                if HAS_SOFTCAP:
+                    ds = ds * _cap_slope(s, offs_n, q_pos, slope, softcap, HAS_ALIBI)
                 dv += _dot(tl.trans(p), do, PRECISION)
                 dk += _dot(tl.trans(ds), q, PRECISION)
     k_mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
