@@ -147,13 +147,6 @@ def test_bad_options_name_the_argument(options, error, message):
         sparsa.attention(q, k, v, **options)
 
 
-def test_the_triton_backend_names_what_it_lacks():
-    pytest.importorskip("triton")
-    q, k, v = make(1, 4, 2, 5, 5, 8)
-    with pytest.raises(ValueError, match="does not implement sinks; use 'blocked'"):
-        sparsa.attention(q, k, v, backend="triton", sinks=torch.zeros(4))
-
-
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0])
 @pytest.mark.parametrize(("softcap", "with_sinks"), [(3.0, False), (None, True), (30.0, True)])
 @pytest.mark.parametrize("window", [None, 100])

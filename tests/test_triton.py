@@ -296,3 +296,30 @@ def test_soft_capped_scores(n_q, n_k, softcap, alibi):
     q, k, v = _inputs(2, 4, 2, n_q, n_k, 16, torch.float32)
     slopes = torch.tensor([0.5, 0.1, 0.0, 0.0], device=DEVICE) if alibi else None
     _compare(q, k, v, torch.float32, alpha=1.5, is_causal=True, softcap=softcap, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "padding"), [(70, 70, "none"), (1, 130, "left"), (40, 130, "right")])
+def test_attention_sinks(n_q, n_k, padding):
+    """Each head's sink joins the threshold, the normalisers and the backward; its gradient and a learnt
+    alpha's match the reference."""
+    q, k, v = _inputs(2, 4, 2, n_q, n_k, 16, torch.float32)
+    mask = None if padding == "none" else KeyPadding(torch.tensor([n_k, n_k // 2], device=DEVICE), padding)
+    sinks = torch.tensor([0.5, 3.0, -1.0, 1.5], device=DEVICE, requires_grad=True)
+    alpha = torch.tensor([1.3, 1.5, 1.8, 2.0], device=DEVICE, requires_grad=True)
+    options = dict(alpha=alpha, is_causal=True, attn_mask=mask, sinks=sinks, softcap=4.0)
+    out = sparsa.attention(q, k, v, backend="triton", **options)
+    ref = sparsa.attention(q, k, v, backend="reference", **options)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    grad = torch.randn_like(ref)
+    for got, expected in zip(
+        torch.autograd.grad(out, (q, k, v, sinks, alpha), grad),
+        torch.autograd.grad(ref, (q, k, v, sinks, alpha), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_large_sink_takes_the_whole_row():
+    q, k, v = _inputs(1, 4, 2, 17, 17, 16, torch.float32)
+    out = sparsa.attention(q, k, v, alpha=1.5, sinks=torch.full((4,), 50.0, device=DEVICE), backend="triton")
+    assert bool((out == 0).all())

@@ -21,7 +21,7 @@ from .stats import AttentionStats
 def _triton_attention(q, k, v, alpha, bias, scale, stats, sinks):
     from .triton import triton_attention
 
-    return triton_attention(q, k, v, alpha, bias, scale, stats)
+    return triton_attention(q, k, v, alpha, bias, scale, stats, sinks=sinks)
 
 
 BACKENDS = {"reference": reference_attention, "blocked": blocked_attention, "triton": _triton_attention}
@@ -78,8 +78,8 @@ def attention(
         backend: "reference" (dense, the ground truth), "blocked"
             (memory-efficient, O(N) extra memory per head), "triton" (fused
             kernels: CUDA, or Triton's interpreter on CPU; alpha in (1, 2],
-            alpha = 1 runs the blocked softmax path; no attn_mask tensor or
-            sinks) or "auto" (triton on CUDA where it applies, blocked elsewhere).
+            alpha = 1 runs the blocked softmax path; no attn_mask tensor) or
+            "auto" (triton on CUDA where it applies, blocked elsewhere).
         return_stats: also return :class:`AttentionStats` (per-row tau and
             support size, skipped fraction).
         dropout_p: attention dropout (weights zeroed with this probability,
@@ -140,10 +140,9 @@ def attention(
         )
         return (out, stats) if return_stats else out
     if backend == "auto":
-        fused = sinks is None and _triton_applies(q, alpha, attn_mask)
-        backend = "triton" if fused else "blocked"
+        backend = "triton" if _triton_applies(q, alpha, attn_mask) else "blocked"
     elif backend == "triton":
-        _check_triton(alpha, attn_mask, sinks)
+        _check_triton(alpha, attn_mask)
         if isinstance(alpha, float) and alpha == 1.0:
             backend = "blocked"
     run = BACKENDS[backend]
@@ -331,11 +330,9 @@ def _is_sparse_alpha(alpha: float | Tensor) -> bool:
     return bool(((values > 1) & (values <= 2)).all())
 
 
-def _check_triton(alpha: float | Tensor, attn_mask, sinks: Tensor | None) -> None:
+def _check_triton(alpha: float | Tensor, attn_mask) -> None:
     if importlib.util.find_spec("triton") is None:
         raise ValueError("backend 'triton' needs the triton package: pip install 'sparsa[triton]'")
-    if sinks is not None:
-        raise ValueError("backend 'triton' does not implement sinks; use 'blocked'")
     if isinstance(attn_mask, Tensor):
         raise ValueError(
             "backend 'triton' takes is_causal, KeyPadding and ALiBi; an attn_mask tensor needs 'blocked'"

@@ -53,7 +53,15 @@ class _Launch:
     """Everything the kernels take besides the tensors that change between forward and backward."""
 
     def __init__(
-        self, q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, bias: ScoreBias, scale: float, sizes: TileSizes
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        alpha: Tensor,
+        bias: ScoreBias,
+        scale: float,
+        sizes: TileSizes,
+        sinks: Tensor | None = None,
     ):
         self.batch, self.heads, self.n_q, self.dim = q.shape
         self.kv_heads, self.n_k, self.value_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -65,6 +73,7 @@ class _Launch:
         # No window: one that reaches past the first key for every query.
         self.window = self.n_k + self.n_q if bias.window is None else bias.window
         self.softcap = 1.0 if bias.softcap is None else bias.softcap
+        self.sinks = alpha if sinks is None else sinks.detach().float().contiguous()
         slopes = bias.slopes
         self.has_alibi = slopes is not None
         if slopes is None:
@@ -88,6 +97,7 @@ class _Launch:
             "IS_CAUSAL": self.is_causal,
             "HAS_ALIBI": self.has_alibi,
             "HAS_SOFTCAP": bias.softcap is not None,
+            "HAS_SINKS": sinks is not None,
             "PAD": self.pad,
             # fp32 inputs get exact fp32 products, not TF32 (1e-3 error) on GPUs.
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
@@ -127,7 +137,7 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     grid = (launch.tiles[0], launch.batch * launch.heads)
     kernels._forward_kernel[grid](
         q, k, v, out, u, w, stats, tile_max, live, passes, launch.alpha, launch.slopes, launch.lengths,
-        *launch.strides(q, k, v, out),
+        launch.sinks, *launch.strides(q, k, v, out),
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, launch.window,
         launch.softcap, *launch.tiles, kernels.NEWTON_TOLERANCE, kernels.MAX_PASSES,
         ALPHA_GRAD=alpha_grad, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS,
@@ -167,14 +177,15 @@ def backward(launch: _Launch, q, k, v, d_out, stats, live, u):
 
 class TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha, bias, scale, sizes):
+    def forward(ctx, q, k, v, alpha, sinks, bias, scale, sizes):
         q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         alpha_grad = alpha.requires_grad
-        launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale, sizes)
+        launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale, sizes, sinks)
         out, u, w, stats, live, passes = forward(launch, q, k, v, alpha_grad)
         ctx.launch = launch
         ctx.save_for_backward(q, k, v, out, u, w if w is not None else u, stats, live)
         ctx.alpha_grad = alpha_grad
+        ctx.sink_grad = sinks is not None and sinks.requires_grad
         ctx.mark_non_differentiable(stats, live, passes)
         return out, stats, live, passes
 
@@ -190,7 +201,14 @@ class TritonAttention(torch.autograd.Function):
             first = (d_work * out.float()).sum(-1) - delta
             second = (d_work * w).sum(-1) - delta * stats[..., 2]
             d_alpha = (first / am1**2 - second / am1).sum((0, 2))
-        return dq, dk, dv, d_alpha, None, None, None
+        d_sinks = None
+        if ctx.sink_grad:
+            # A sink's value is zero: dS = g (0 - delta), g = d^(1/(alpha-1) - 1) at its z - tau.
+            am1 = (ctx.launch.alpha - 1).view(1, -1, 1)
+            excess = (ctx.launch.sinks.view(1, -1, 1) - stats[..., 0]) * am1 - stats[..., 1]
+            g = torch.where(excess > 0, excess.clamp_min(1e-30) ** (1 / am1 - 1), 0.0)
+            d_sinks = -(g * delta).sum((0, 2))
+        return dq, dk, dv, d_alpha, d_sinks, None, None, None
 
 
 def triton_attention(
@@ -202,11 +220,12 @@ def triton_attention(
     scale: float,
     stats: bool,
     sizes: TileSizes = DEFAULT_TILE_SIZES,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, AttentionStats | None]:
-    """alpha-entmax attention in fused Triton kernels; alpha in (1, 2], float or (H,)."""
+    """alpha-entmax attention in fused Triton kernels; alpha in (1, 2], float or (H,); sinks (H,) or None."""
     heads = q.shape[1]
     alpha_tensor = alpha if isinstance(alpha, Tensor) else torch.full((heads,), alpha, device=q.device)
-    out, row_stats, live, passes = TritonAttention.apply(q, k, v, alpha_tensor, bias, scale, sizes)
+    out, row_stats, live, passes = TritonAttention.apply(q, k, v, alpha_tensor, sinks, bias, scale, sizes)
     if not stats:
         return out, None
     am1 = (alpha_tensor.detach().float() - 1).view(1, heads, 1)

@@ -152,13 +152,14 @@ def _zero_cut(m, tau, inv, rows):
 @triton.jit
 def _threshold_pass(
     q, k_base, tile_max, m, tau, cut, lowest, spacing, start, end, offs_d, skn, skd, n_k, q_pos,
-    lo, hi, window, slope, scale, softcap, am1, inv,
+    lo, hi, window, slope, scale, softcap, am1, inv, sink_z,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     COUNT_LEVELS: tl.constexpr,
 ):  # fmt: skip
-    """Sums of d^p, d^(p-1) and d^(p-2) over a row's keys at tau (p = 1/(alpha-1)), skipping the key
-    tiles at or below cut; with COUNT_LEVELS also the number of z above each level lowest + j spacing."""
+    """Sums of d^p, d^(p-1) and d^(p-2) over a row's keys and its sink (z = sink_z, -inf for none) at
+    tau (p = 1/(alpha-1)), skipping the key tiles at or below cut; with COUNT_LEVELS also the number of
+    z above each level lowest + j spacing."""
     total = tl.zeros([BLOCK_M], tl.float32)
     slope_sum = tl.zeros([BLOCK_M], tl.float32)
     curvature = tl.zeros([BLOCK_M], tl.float32)
@@ -169,21 +170,9 @@ def _threshold_pass(
             offs_n = first + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
             s = _scores(
-                q,
-                k,
-                offs_n,
-                q_pos,
-                lo,
-                hi,
-                window,
-                slope,
-                scale,
-                softcap,
-                IS_CAUSAL,
-                HAS_ALIBI,
-                HAS_SOFTCAP,
+                q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP,
                 PRECISION,
-            )
+            )  # fmt: skip
             z = (s - m[:, None]) * am1
             d = z - tau[:, None]
             p, g = _powers(d, inv)
@@ -195,6 +184,14 @@ def _threshold_pass(
                 for j in tl.static_range(LEVELS):
                     count = tl.sum((z > (lowest + j * spacing)[:, None]).to(tl.float32), 1)
                     above += tl.where(level_ids[None, :] == j, count[:, None], 0.0)
+    d = sink_z - tau
+    p, g = _powers(d, inv)
+    total += p
+    slope_sum += g
+    if inv >= 2.0:
+        curvature += tl.where(d > 0, g / tl.where(d > 0, d, 1.0), 0.0)
+    if COUNT_LEVELS:
+        above += (sink_z[:, None] > lowest[:, None] + level_ids[None, :] * spacing[:, None]).to(tl.float32)
     return total, slope_sum, curvature, above
 
 
@@ -255,18 +252,20 @@ def _newton_update(tau, lower, upper, finished, total, slope_sum, curvature, bou
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Out, U, W, Stats, TileMax, Live, Passes, Alpha, Slopes, Lengths,
+    Q, K, V, Out, U, W, Stats, TileMax, Live, Passes, Alpha, Slopes, Lengths, Sinks,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     n_heads, n_q, n_k, group, scale, slope_stride, window, softcap, n_tiles_m, n_tiles_n, tolerance,
     max_passes,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-    LEVELS: tl.constexpr, BOUND_ITERATIONS: tl.constexpr,
+    LEVELS: tl.constexpr, BOUND_ITERATIONS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """TileMax (B * H, n_tiles_m, n_tiles_n) arrives filled with -inf (tiles no query sees stay so)
     and Live, int8 of the same shape, with zeros: the output pass sets the tiles with a nonzero
-    weight to 1 for the backward. Passes (B * H, n_tiles_m) receives each query tile's Newton passes."""
+    weight to 1 for the backward. Passes (B * H, n_tiles_m) receives each query tile's Newton passes.
+    Sinks (H,): with HAS_SINKS, a logit per head that joins every row's threshold and weights as one
+    more score without a value."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
@@ -294,21 +293,9 @@ def _forward_kernel(
         offs_n = first + offs_nb
         k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
         s = _scores(
-            q,
-            k,
-            offs_n,
-            q_pos,
-            lo,
-            hi,
-            window,
-            slope,
-            scale,
-            softcap,
-            IS_CAUSAL,
-            HAS_ALIBI,
-            HAS_SOFTCAP,
+            q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP,
             PRECISION,
-        )
+        )  # fmt: skip
         s = tl.where(rows[:, None], s, float("-inf"))
         non_finite += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32), 1)
         row_max, at = tl.max(s, 1, return_indices=True)
@@ -316,10 +303,16 @@ def _forward_kernel(
         tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
         second = tl.maximum(tl.minimum(m, row_max), tl.maximum(second, row_second))
         m = tl.maximum(m, row_max)
-    count = _visible_keys(q_pos, rows, lo, hi, window, IS_CAUSAL)
+    sink = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if HAS_SINKS:
+        sink = tl.where(rows, tl.load(Sinks + h).to(tl.float32), float("-inf"))
+        second = tl.maximum(tl.minimum(m, sink), second)
+        m = tl.maximum(m, sink)
+    count = _visible_keys(q_pos, rows, lo, hi, window, IS_CAUSAL) + (sink > float("-inf")).to(tl.float32)
     seen = count > 0
     m = tl.where(seen, m, 0.0)
     runner_up = tl.where(seen, (second - m) * am1, float("-inf"))
+    sink_z = (sink - m) * am1
 
     # tau in [-1, -count^(1 - alpha)]: f(-1) >= 0 (the maximum alone has weight 1), f(upper) <= 0.
     # The two largest scores tighten the left end; a row whose runner-up has z <= -1 has tau = -1 exactly.
@@ -333,7 +326,7 @@ def _forward_kernel(
     if tl.sum((~finished).to(tl.int32)) > 0:
         total, slope_sum, curvature, above = _threshold_pass(
             q, k_base, tile_max, m, tau, _zero_cut(m, tau, inv, seen), lower, spacing, start, end, offs_d,
-            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, softcap, am1, inv,
+            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, softcap, am1, inv, sink_z,
             HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP, PRECISION, True,
         )  # fmt: skip
         bound = _level_bound(above, lower, spacing, inv, LEVELS, BOUND_ITERATIONS)
@@ -344,7 +337,7 @@ def _forward_kernel(
     while (tl.sum((~finished).to(tl.int32)) > 0) & (passes < max_passes):
         total, slope_sum, curvature, _ = _threshold_pass(
             q, k_base, tile_max, m, tau, _zero_cut(m, tau, inv, seen), lower, spacing, start, end, offs_d,
-            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, softcap, am1, inv,
+            skn, skd, n_k, q_pos, lo, hi, window, slope, scale, softcap, am1, inv, sink_z,
             HEAD_DIM, BLOCK_M, BLOCK_N, LEVELS, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP, PRECISION, False,
         )  # fmt: skip
         tau, lower, upper, finished = _newton_update(
@@ -372,21 +365,9 @@ def _forward_kernel(
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
             s = _scores(
-                q,
-                k,
-                offs_n,
-                q_pos,
-                lo,
-                hi,
-                window,
-                slope,
-                scale,
-                softcap,
-                IS_CAUSAL,
-                HAS_ALIBI,
-                HAS_SOFTCAP,
+                q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP,
                 PRECISION,
-            )
+            )  # fmt: skip
             d = (s - m[:, None]) * am1 - tau[:, None]
             p, g = _powers(d, inv)
             v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
@@ -399,6 +380,13 @@ def _forward_kernel(
                 p_log_p = tl.where(d > 0, p * inv * tl.log(tl.where(d > 0, d, 1.0)), 0.0)
                 entropy += tl.sum(p_log_p, 1)
                 acc_w += _dot(p_log_p, v, PRECISION)
+    # The sink's weight joins the normalisers; it adds nothing to the outputs.
+    d_sink = sink_z - tau
+    p_sink, g_sink = _powers(d_sink, inv)
+    p_sum += p_sink
+    g_sum += g_sink
+    if ALPHA_GRAD:
+        entropy += tl.where(d_sink > 0, p_sink * inv * tl.log(tl.where(d_sink > 0, d_sink, 1.0)), 0.0)
     p_sum = tl.where(p_sum > 0, p_sum, 1.0)
     g_sum = tl.where(g_sum > 0, g_sum, 1.0)
     out_mask = rows[:, None] & (offs_dv[None, :] < VALUE_DIM)
@@ -489,21 +477,9 @@ def _backward_query_kernel(
             offs_n = first + offs_nb
             k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
             s = _scores(
-                q,
-                k,
-                offs_n,
-                q_pos,
-                lo,
-                hi,
-                window,
-                slope,
-                scale,
-                softcap,
-                IS_CAUSAL,
-                HAS_ALIBI,
-                HAS_SOFTCAP,
+                q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP,
                 PRECISION,
-            )
+            )  # fmt: skip
             v = _load_tile(v_base, offs_n, offs_dv, svn, svd, n_k, VALUE_DIM)
             _, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
             if HAS_SOFTCAP:
@@ -561,21 +537,9 @@ def _backward_key_kernel(
                 delta = tl.load(Delta + row_base + offs_m, mask=rows, other=0.0)
                 q_pos = offs_m + offset
                 s = _scores(
-                    q,
-                    k,
-                    offs_n,
-                    q_pos,
-                    lo,
-                    hi,
-                    window,
-                    slope,
-                    scale,
-                    softcap,
-                    IS_CAUSAL,
-                    HAS_ALIBI,
-                    HAS_SOFTCAP,
-                    PRECISION,
-                )
+                    q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap, IS_CAUSAL, HAS_ALIBI,
+                    HAS_SOFTCAP, PRECISION,
+                )  # fmt: skip
                 p, ds = _weights_and_grads(s, m, tau, am1, inv, do, v, delta, PRECISION)
                 if HAS_SOFTCAP:
                     ds = ds * _cap_slope(s, offs_n, q_pos, slope, softcap, HAS_ALIBI)
