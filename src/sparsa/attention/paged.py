@@ -676,8 +676,10 @@ def _dense_decode(
         # one query per row, or rows of one length, sit at the end of each row's keys (a window
         # counts back from the last key, so it needs rows of one length).
         length = int(lengths.max())
-        keys = cache.keys.view(batch, cache.kv_heads, -1, cache.head_dim)[:, :, :length]
-        values = cache.values.view(batch, cache.kv_heads, -1, cache.value_dim)[:, :, :length]
+        # Keys before the first query's window are never read (nor copied).
+        first_key = _window_start(length, n_q, window)
+        keys = cache.keys.view(batch, cache.kv_heads, -1, cache.head_dim)[:, :, first_key:length]
+        values = cache.values.view(batch, cache.kv_heads, -1, cache.value_dim)[:, :, first_key:length]
         causal = n_q > 1 or window is not None
         result = attention(
             q, keys, values, alpha=alpha, is_causal=causal, scale=scale, alibi_slopes=alibi_slopes,
@@ -690,6 +692,8 @@ def _dense_decode(
         return support
     for row in groups.any(-1).nonzero()[:, 0].tolist():
         keys, values = cache.dense(row)
+        first_key = _window_start(keys.shape[2], n_q, window)
+        keys, values = keys[:, :, first_key:], values[:, :, first_key:]
         seen = min(n_q, keys.shape[2])
         if seen == 0:
             continue
@@ -720,6 +724,11 @@ def _dense_decode(
                 support[row, first:last, n_q - seen :] = stats.support[0]
             out[row, first:last, n_q - seen :] = result[0]
     return support
+
+
+def _window_start(length: int, n_q: int, window: int | None) -> int:
+    """The first of ``length`` keys that the window of the first of ``n_q`` queries at their end reaches."""
+    return 0 if window is None else max(0, length - n_q - window + 1)
 
 
 def _check_count(name: str, value: int) -> None:
