@@ -185,8 +185,6 @@ def sparsa_attention(
         window = None
     if window is not None and not causal:
         raise ValueError(f"sparsa attention implements causal sliding windows only (sliding_window={window})")
-    # A mask from transformers is the truth (it holds the window where the layer has one, as eager
-    # attention reads it); without one, the window is what flash kernels would apply.
     if window is None and attention_mask is None and causal and 1 < n_q < n_k and pages is None:
         # transformers leaves out the mask here only when prefilling an empty static cache: the
         # queries are the first keys and the rest are unwritten slots (torch SDPA's upper-left causal mask).
@@ -214,6 +212,9 @@ def sparsa_attention(
         out = pages.attend(query, key, value, attention_mask, visible[:, -1], controls.alpha, options)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
+    # A mask from transformers is the truth (it holds the window where the layer has one, as eager
+    # attention reads it): passed on as padding and window where it is exactly that, else as the
+    # mask alone. Without a mask, the window is what flash kernels would apply.
     if attention_mask is not None:
         padding = KeyPadding.of_causal_mask(attention_mask, window)
         if padding is None:
