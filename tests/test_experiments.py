@@ -451,6 +451,13 @@ def test_a_row_option_reaches_the_trained_model(tmp_path):
     assert model.config.row_map == "stick-breaking" and model.config.row_options == {"current": 0.0}
 
 
+def test_a_window_reaches_the_trained_model(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL_RUN, "--steps", "1", "--window", "3", "--out", str(run)]) == 0
+    model = Transformer.from_pretrained(run / MODEL_DIR)
+    assert model.config.window == 3 and model.blocks[0].attention.window == 3
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"

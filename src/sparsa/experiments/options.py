@@ -16,6 +16,7 @@ MODEL_OPTIONS = {
     "n_kv_heads": (int, "key/value heads (grouped-query attention); default n_heads"),
     "positions": (str, "nope, alibi, nape (half ALiBi, half NoPE), rope, rope+alibi or rope+nape"),
     "alibi_slopes": (str, "geometric, linear or exp (default: linear for NAPE, geometric for ALiBi)"),
+    "window": (int, "a causal sliding window of this many tokens in every layer (default: none)"),
     "dropout": (float, "dropout on embeddings and residual branches"),
     "backend": (str, "attention backend: auto, blocked or reference"),
 }
