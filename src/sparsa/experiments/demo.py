@@ -80,7 +80,7 @@ DEMO_TASKS = {
     "copy": DemoTask(
         "copy", {"vocab": 1024, "distinct": 1}, _synthetic(64, 100), (16, 32, 64, 128, 256, 512, 1024), 100
     ),
-    "lookup": DemoTask("lookup", {"vocab": 64}, _synthetic(128, 250), (16, 64, 256, 1024, 4096), 50),
+    "lookup": DemoTask("lookup", {"vocab": 64}, _synthetic(1024, 250), (16, 64, 256, 1024, 4096), 50),
     "text": DemoTask(
         "text",
         {"passkey_share": 0.2},
