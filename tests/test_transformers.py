@@ -512,12 +512,7 @@ def test_sliding_window_layers_match_the_original_and_generate_alike(family):
         original = _tiny("mistral", sliding_window=4)
     model = sparsify(copy.deepcopy(original), 1.0)
     ids, mask = _left_padded_batch(length=12)
-    with torch.no_grad():
-        for attention_mask in (None, mask):
-            expected = original(ids, attention_mask=attention_mask).logits
-            got = model(ids, attention_mask=attention_mask).logits
-            keep = slice(None) if attention_mask is None else attention_mask.bool()
-            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    _assert_original_logits(model, original, ids, mask)
     prompt = ids[:1]
     assert torch.equal(
         model.generate(prompt, max_new_tokens=6, do_sample=False),
@@ -546,6 +541,16 @@ def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys
     assert "| llama | converts |" in capsys.readouterr().out
     assert main(["bench", "hf", "--models", "nosuch"]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def _assert_original_logits(model, original, ids, mask):
+    """The converted model gives the original's logits on the real tokens, unpadded and padded."""
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            expected = original(ids, attention_mask=attention_mask).logits
+            keep = slice(None) if attention_mask is None else attention_mask.bool()
+            got = model(ids, attention_mask=attention_mask).logits
+            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
 
 
 def _sharpened(family: str):
@@ -578,12 +583,8 @@ def test_soft_capped_and_sink_families_match_and_generate_with_a_paged_cache(fam
     original = _sharpened(family)
     ids, mask = _left_padded_batch(length=12)
     model = sparsify(copy.deepcopy(original), 1.0)
+    _assert_original_logits(model, original, ids, mask)
     with torch.no_grad():
-        for attention_mask in (None, mask):
-            expected = original(ids, attention_mask=attention_mask).logits
-            keep = slice(None) if attention_mask is None else attention_mask.bool()
-            got = model(ids, attention_mask=attention_mask).logits
-            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
         # The cap and the sinks matter here: without them the logits move by far more than the tolerance.
         plain = copy.deepcopy(original)
         if family == "gemma2":
@@ -661,12 +662,8 @@ def test_alibi_families_convert_through_their_adapters(family, tmp_path):
     original = _alibi_family(family)
     ids, mask = _left_padded_batch(length=12)
     model = sparsify(copy.deepcopy(original), 1.0)
+    _assert_original_logits(model, original, ids, mask)
     with torch.no_grad():
-        for attention_mask in (None, mask):
-            expected = original(ids, attention_mask=attention_mask).logits
-            keep = slice(None) if attention_mask is None else attention_mask.bool()
-            got = model(ids, attention_mask=attention_mask).logits
-            torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
         for module in attention_modules(model):
             module.sparsa.alibi_slopes.zero_()
         assert float((model(ids).logits - original(ids).logits).abs().max()) > 1e-4
