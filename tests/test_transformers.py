@@ -520,11 +520,7 @@ def test_sliding_window_layers_match_the_original_and_generate_alike(family):
     )
     # A PagedCache decodes the windowed layers with the window: the dense cache's tokens and scores.
     sparse = sparsify(copy.deepcopy(original), 1.5)
-    for rows, row_mask in ((ids[:1], None), (ids, mask)):
-        paged_tokens, paged_scores = _generate(sparse, rows, row_mask, 6, PagedCache(sparse, page_size=4))
-        tokens, scores = _generate(sparse, rows, row_mask, 6)
-        assert torch.equal(paged_tokens, tokens)
-        torch.testing.assert_close(paged_scores, scores, atol=1e-4, rtol=1e-4)
+    _assert_paged_generation_is_dynamic(sparse, ids, mask)
 
 
 def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys):
@@ -541,6 +537,16 @@ def test_the_breadth_benchmark_reports_conversions_and_refusals(tmp_path, capsys
     assert "| llama | converts |" in capsys.readouterr().out
     assert main(["bench", "hf", "--models", "nosuch"]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def _assert_paged_generation_is_dynamic(model, ids, mask):
+    """Greedy generation with a PagedCache gives the dynamic cache's tokens and scores, from one
+    unpadded prompt and from the padded batch."""
+    for rows, row_mask in ((ids[:1], None), (ids, mask)):
+        paged_tokens, paged_scores = _generate(model, rows, row_mask, 6, PagedCache(model, page_size=4))
+        tokens, scores = _generate(model, rows, row_mask, 6)
+        assert torch.equal(paged_tokens, tokens)
+        torch.testing.assert_close(paged_scores, scores, atol=1e-4, rtol=1e-4)
 
 
 def _assert_original_logits(model, original, ids, mask):
@@ -596,11 +602,7 @@ def test_soft_capped_and_sink_families_match_and_generate_with_a_paged_cache(fam
                 module.sinks.fill_(float("-inf"))
         assert float((plain(ids).logits - original(ids).logits).abs().max()) > 1e-3
     sparse = sparsify(copy.deepcopy(original), 1.5)
-    for rows, row_mask in ((ids[:1], None), (ids, mask)):
-        paged_tokens, paged_scores = _generate(sparse, rows, row_mask, 6, PagedCache(sparse, page_size=4))
-        tokens, scores = _generate(sparse, rows, row_mask, 6)
-        assert torch.equal(paged_tokens, tokens)
-        torch.testing.assert_close(paged_scores, scores, atol=1e-4, rtol=1e-4)
+    _assert_paged_generation_is_dynamic(sparse, ids, mask)
 
 
 def test_output_attentions_returns_the_entmax_weights():
