@@ -131,7 +131,7 @@ def test_single_token_appends_and_one_prefill_give_the_same_cache():
     torch.manual_seed(1)
     keys, values = [torch.randn(2, 23, 8)], [torch.randn(2, 23, 8)]
     one_by_one, prefill = _fill(keys, values, 5, chunk=1), _fill(keys, values, 5)
-    for name in ("keys", "values", "key_min", "key_max", "key_codes", "key_scale"):
+    for name in ("keys", "values", "key_extremes", "key_codes", "key_scale", "key_code_norm"):
         used = getattr(prefill, name)[:, :, : prefill.pages(0)]
         assert torch.equal(getattr(one_by_one, name)[:, :, : one_by_one.pages(0)], used)
     assert torch.equal(one_by_one.lengths, prefill.lengths)

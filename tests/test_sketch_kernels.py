@@ -18,21 +18,37 @@ def _fresh_calibration(monkeypatch):
     monkeypatch.delenv(sketch_kernels.ENVIRONMENT_VARIABLE, raising=False)
 
 
+def _page_max(codes, query_codes, page_size):
+    return (query_codes.long() @ codes.long().T).view(len(query_codes), -1, page_size).amax(-1)
+
+
 @pytest.mark.parametrize("name", sorted(sketch_kernels.KERNELS))
-@pytest.mark.parametrize("dim", [3, 16, 128, 1040])
-def test_every_kernel_gives_the_exact_integers(name, dim):
-    codes, query_codes = sketch_kernels._extreme_codes(torch.device("cpu"), dim)
-    random_codes = torch.randint(-127, 128, (sketch_kernels.FLOAT_CHUNK + 5, dim), dtype=torch.int8)
-    for keys in (codes, random_codes):
-        got = sketch_kernels.KERNELS[name].product(keys, query_codes)
-        assert torch.equal(got.long(), query_codes.long() @ keys.long().T)
+@pytest.mark.parametrize(("dim", "page_size"), [(3, 1), (5, 6), (16, 8), (128, 16), (512, 32)])
+def test_every_kernel_gives_the_exact_page_maxima(name, dim, page_size):
+    kernel = sketch_kernels.KERNELS[name]
+    if not kernel.available(torch.device("cpu"), dim, page_size):
+        pytest.skip(f"{name} does not run here for D={dim}, pages of {page_size}")
+    (codes, query_codes), _ = sketch_kernels._extreme_cases(dim)
+    keys = (sketch_kernels.FLOAT_KEYS // page_size + 3) * page_size
+    random_codes = torch.randint(-127, 128, (keys, dim), dtype=torch.int8)
+    arranged, _, expected = sketch_kernels._reference_case(codes, query_codes, page_size)
+    random_queries = torch.randint(-32385, 32386, (5, dim), dtype=torch.int16)
+    cases = [(arranged, query_codes, expected), (arranged, query_codes[2:3], expected[2:3])]
+    cases.append((random_codes, random_queries, _page_max(random_codes, random_queries, page_size)))
+    for keys, queries, expected in cases:
+        assert torch.equal(kernel.page_max(keys, queries, page_size).long(), expected)
 
 
-def test_the_extreme_codes_reach_the_largest_sums():
-    codes, query_codes = sketch_kernels._extreme_codes(torch.device("cpu"), 128)
-    sums = codes.long() @ query_codes.long().T
-    assert int(sums.max()) == 127 * 127 * 128 and int(sums.min()) == -127 * 127 * 128
+def test_the_extreme_cases_reach_the_largest_sums():
+    (codes, query_codes), _ = sketch_kernels._extreme_cases(128)
+    sums = query_codes.long() @ codes.long().T
+    largest = 127 * sketch_kernels.QUERY_LEVELS * 128
+    assert int(sums.max()) == largest and int(sums.min()) == -largest
     assert bool((sums == 0).any())
+    parts = sketch_kernels._parts(query_codes)
+    assert int(parts.abs().max()) == 127
+    high, low = parts[: len(query_codes)].long(), parts[len(query_codes) :].long()
+    assert torch.equal(255 * high + low, query_codes.long())
 
 
 def test_calibration_picks_an_exact_kernel_and_times_each():
@@ -42,21 +58,38 @@ def test_calibration_picks_an_exact_kernel_and_times_each():
     assert sketch_kernels.calibration(torch.device("cpu"), 128) is found
 
 
-def test_calibration_rejects_a_kernel_that_saturates(monkeypatch):
-    def saturating(codes, query_codes):
-        return (query_codes.float() @ codes.float().T).clamp(-(2**15), 2**15 - 1)
+def _register(monkeypatch, name, page_max):
+    broken = sketch_kernels.Kernel(name, page_max, lambda device, dim, page_size: True)
+    monkeypatch.setitem(sketch_kernels.KERNELS, name, broken)
 
-    broken = sketch_kernels.Kernel("saturating", saturating, lambda device, dim: True)
-    monkeypatch.setitem(sketch_kernels.KERNELS, "saturating", broken)
+
+def test_calibration_rejects_a_kernel_that_saturates(monkeypatch):
+    def saturating(codes, query_codes, page_size):
+        return _page_max(codes, query_codes, page_size).clamp(-(2**15), 2**15 - 1).int()
+
+    _register(monkeypatch, "saturating", saturating)
     found = sketch_kernels.calibration("cpu", 128)
     assert found.rejected == ("saturating",) and "saturating" not in found.milliseconds
     monkeypatch.setenv(sketch_kernels.ENVIRONMENT_VARIABLE, "saturating")
-    with pytest.raises(RuntimeError, match="no exact int8 product"):
+    with pytest.raises(RuntimeError, match="no exact sketch product"):
         sketch_kernels.calibration("cpu", 128)
+
+
+def test_calibration_rejects_an_error_hidden_behind_a_larger_key(monkeypatch):
+    """A kernel wrong on every second key of a page is right wherever an even key is its page's largest."""
+
+    def even_keys_only(codes, query_codes, page_size):
+        dots = (query_codes.long() @ codes.long().T).view(len(query_codes), -1, page_size)
+        return dots[:, :, ::2].amax(-1).int()
+
+    _register(monkeypatch, "even_keys_only", even_keys_only)
+    assert "even_keys_only" in sketch_kernels.calibration("cpu", 128, page_size=16).rejected
 
 
 def test_the_environment_variable_forces_a_kernel_and_names_itself_when_wrong(monkeypatch):
     for name in sketch_kernels.KERNELS:
+        if not sketch_kernels.KERNELS[name].available(torch.device("cpu"), 64, 16):
+            continue
         monkeypatch.setenv(sketch_kernels.ENVIRONMENT_VARIABLE, name)
         assert sketch_kernels.calibration("cpu", 64).kernel == name
     monkeypatch.setenv(sketch_kernels.ENVIRONMENT_VARIABLE, "fastest")
@@ -64,11 +97,40 @@ def test_the_environment_variable_forces_a_kernel_and_names_itself_when_wrong(mo
         sketch_kernels.calibration("cpu", 64)
 
 
-def test_head_dims_beyond_exact_fp32_sums_are_refused():
-    with pytest.raises(ValueError, match="head_dim <= 1040"):
-        sketch_kernels.integer_dots(
-            torch.zeros(4, 1041, dtype=torch.int8), torch.zeros(2, 1041, dtype=torch.int8)
+def test_the_compiled_kernel_is_left_out_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not sketch_kernels.KERNELS["compiled"].available(torch.device("cpu"), 128, 16)
+    assert "compiled" not in sketch_kernels.calibration("cpu", 128).milliseconds
+    monkeypatch.setenv(sketch_kernels.ENVIRONMENT_VARIABLE, "compiled")
+    with pytest.raises(ValueError, match="compiled is not available on cpu for D=128"):
+        sketch_kernels.calibration("cpu", 128)
+
+
+def test_a_failed_build_leaves_the_pytorch_kernels(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**options):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(sketch_kernels, "_compiled_built", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    found = sketch_kernels.calibration("cpu", 128)
+    assert "compiled" not in found.milliseconds and found.kernel in found.milliseconds
+    assert "did not build (Ninja is required" in capsys.readouterr().err
+
+
+def test_head_dims_beyond_exact_int32_sums_are_refused_and_decode_without_a_sketch():
+    with pytest.raises(ValueError, match="head_dim <= 512"):
+        sketch_kernels.page_max_dots(
+            torch.zeros(16, 513, dtype=torch.int8), torch.zeros(2, 513, dtype=torch.int16), 16
         )
+    q, k, v = torch.randn(1, 2, 1, 520), torch.randn(1, 2, 256, 520), torch.randn(1, 2, 256, 520)
+    k[:, :, 17] = 4 * q[0, :, 0]
+    cache = PagedKVCache(1, 2, 520, page_size=16)
+    cache.append(k, v)
+    out, stats = decode(q, cache, alpha=1.5, dense_below=0, return_stats=True)
+    assert not bool(stats.sketched.any())
+    torch.testing.assert_close(out, sparsa.attention(q, k, v, alpha=1.5, is_causal=True), atol=1e-5, rtol=0)
 
 
 def _structured_cache(length=2048):

@@ -1,111 +1,208 @@
-"""Exact int8 products for the decoder's key sketch, the implementation picked by measurement.
+"""Exact page maxima of the decoder's sketch products, the implementation picked by measurement.
 
-The sketch bound (``paged._Rows._sketch_bounds``) multiplies int8 key codes
-(N, D) by int8 query codes (R, D), both in [-127, 127], and trusts every
-integer: a product that rounds or saturates would certify a key zero that is
-not. Several exact implementations exist and their speed differs by 4x or
-more between CPUs (``torch._int_mm`` is fast with AVX-512 VNNI and slow where
-oneDNN emulates it on AVX2; an fp32 product of the codes, exact since every
-partial sum is an integer below 2^24, runs at the float units' speed).
+The sketch bound (``paged._Rows._sketch_bounds``) needs, for every page of
+int8 key codes c (in [-127, 127]) and every query code row u (int16, in
+[-QUERY_LEVELS, QUERY_LEVELS]), the largest u . c over the page's keys, and
+trusts every integer: a product that rounds or saturates would certify a key
+zero that is not. Several exact implementations exist and their speed differs
+by 10x or more between CPUs:
 
-On first use per (device type, D) one calibration, a few milliseconds,
-checks each kernel against an int64 product at the int8 extremes (all-127
-rows, sign patterns that cancel, random codes), drops any that errs, and
-times the rest on a sketch-sized problem; the fastest is used from then on.
-``SPARSA_SKETCH_KERNEL=<name>`` forces one (it must still pass the check).
+- ``compiled``: a C++ AVX2 kernel (``csrc/page_max_dots.cpp``, built on first
+  use by ``torch.utils.cpp_extension`` and cached per machine) that widens the
+  codes to int16, multiplies with ``vpmaddwd`` and keeps the page maxima in
+  registers, so the (queries x keys) products never reach memory;
+- ``int_mm`` and ``int_mm_query_major``: ``torch._int_mm`` in either operand
+  order (fast with AVX-512 VNNI, slow where oneDNN emulates it on AVX2), on
+  the query split into two int8 parts, u = 255 hi + lo;
+- ``float_mm``: fp32 products of the codes with the same two parts (exact:
+  every partial sum is an integer below 2^24), a chunk of keys at a time.
+
+On first use per (device type, D, page size) one calibration, a few
+milliseconds, checks each kernel against an int64 product at the extremes
+(all-127 keys, sign patterns that cancel, the largest query codes, random
+codes, each key alone in a page so that no error hides behind a larger key),
+drops any that errs, and times the rest on a sketch-sized problem; the fastest
+is used from then on. ``SPARSA_SKETCH_KERNEL=<name>`` forces one (it must still
+pass the check). ``make setup`` builds the compiled kernel ahead of time.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 CODE_LIMIT = 127
-"""Codes lie in [-CODE_LIMIT, CODE_LIMIT]."""
+"""Key codes lie in [-CODE_LIMIT, CODE_LIMIT]."""
 
-FLOAT_CHUNK = 8192
-"""Rows of codes converted to fp32 at a time: the copy stays in cache and its memory bounded."""
+PART_BASE = 255
+QUERY_LEVELS = CODE_LIMIT * PART_BASE
+"""Query codes lie in [-QUERY_LEVELS, QUERY_LEVELS], so that u = 255 hi + lo with hi and lo int8 codes."""
+
+MAX_HEAD_DIM = 512
+"""|u . c| <= 127 * 32385 * D stays below 2^31 (the int32 results) for D <= 512."""
+
+FLOAT_KEYS = 8192
+"""Keys converted to fp32 at a time by ``float_mm``: the copy stays in cache and its memory bounded."""
 
 CALIBRATION_KEYS = 32768
-CALIBRATION_QUERIES = 8
-"""The calibration problem: one KV head's sketch of 32k keys against the 8 query codes of a group."""
+CALIBRATION_QUERIES = 4
+"""The calibration problem: one KV head's sketch of 32k keys against the 4 query heads of a group."""
 
 CALIBRATION_REPEATS = 3
 
 ENVIRONMENT_VARIABLE = "SPARSA_SKETCH_KERNEL"
 
+COMPILED_SOURCE = Path(__file__).with_name("csrc") / "page_max_dots.cpp"
+COMPILED_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
-def _int_mm(codes: Tensor, query_codes: Tensor) -> Tensor:
-    return torch._int_mm(codes, query_codes.T.contiguous()).T
+
+def page_max_dots(codes: Tensor, query_codes: Tensor, page_size: int) -> Tensor:
+    """The largest u . c over each page of ``page_size`` consecutive keys, exact.
+
+    codes (N, D) int8 in [-127, 127], N a multiple of ``page_size``;
+    query_codes (Q, D) int16 in [-QUERY_LEVELS, QUERY_LEVELS]. Returns (Q, N / page_size) int32.
+    """
+    dim = codes.shape[1]
+    if dim > MAX_HEAD_DIM:
+        raise ValueError(f"the sketch's products are exact only for head_dim <= {MAX_HEAD_DIM}, got {dim}")
+    kernel = KERNELS[calibration(codes.device, dim, page_size).kernel]
+    return kernel.page_max(codes, query_codes, page_size)
 
 
-def _int_mm_query_major(codes: Tensor, query_codes: Tensor) -> Tensor:
+def _parts(query_codes: Tensor) -> Tensor:
+    """(2Q, D) int8: hi over lo, with u = 255 hi + lo (|lo| <= 127: u / 255 is never a half)."""
+    high = torch.round(query_codes.float() / PART_BASE)
+    low = query_codes.float() - PART_BASE * high
+    return torch.cat([high, low]).to(torch.int8)
+
+
+def _joined(high: Tensor, low: Tensor) -> Tensor:
+    """255 hi . c + lo . c in int32 (exact: the parts' sums are exact integers, their join below 2^31)."""
+    return high.to(torch.int32).mul_(PART_BASE).add_(low.to(torch.int32))
+
+
+def _int_mm(codes: Tensor, query_codes: Tensor, page_size: int) -> Tensor:
+    count = query_codes.shape[0]
+    dots = torch._int_mm(codes, _parts(query_codes).T.contiguous())
+    joined = _joined(dots[:, :count], dots[:, count:])
+    return joined.view(-1, page_size, count).amax(1).T
+
+
+def _int_mm_query_major(codes: Tensor, query_codes: Tensor, page_size: int) -> Tensor:
     # The same product with the operands swapped: oneDNN picks another kernel (3x faster on AVX2 here).
-    return torch._int_mm(query_codes, codes.T)
+    count = query_codes.shape[0]
+    dots = torch._int_mm(_parts(query_codes), codes.T)
+    return _joined(dots[:count], dots[count:]).view(count, -1, page_size).amax(-1)
 
 
-def _float_mm(codes: Tensor, query_codes: Tensor) -> Tensor:
-    queries = query_codes.float().T
-    out = torch.empty(codes.shape[0], query_codes.shape[0], device=codes.device)
-    for start in range(0, codes.shape[0], FLOAT_CHUNK):
-        torch.mm(codes[start : start + FLOAT_CHUNK].float(), queries, out=out[start : start + FLOAT_CHUNK])
-    return out.T
+def _float_mm(codes: Tensor, query_codes: Tensor, page_size: int) -> Tensor:
+    count = query_codes.shape[0]
+    parts = _parts(query_codes).float().T
+    out = torch.empty(count, codes.shape[0] // page_size, dtype=torch.int32, device=codes.device)
+    step = max(1, FLOAT_KEYS // page_size) * page_size
+    for start in range(0, codes.shape[0], step):
+        dots = codes[start : start + step].float() @ parts
+        joined = _joined(dots[:, :count], dots[:, count:])
+        out[:, start // page_size : (start + step) // page_size] = joined.view(-1, page_size, count).amax(1).T
+    return out
+
+
+def _compiled(codes: Tensor, query_codes: Tensor, page_size: int) -> Tensor:
+    return torch.ops.sparsa_sketch.page_max_dots(codes, query_codes, page_size)
+
+
+_compiled_built: bool | None = None
+
+
+def _build_compiled() -> bool:
+    """Build (or load from torch's per-machine cache) the AVX2 kernel; False where it cannot be built."""
+    global _compiled_built
+    if _compiled_built is None:
+        from torch.utils import cpp_extension
+
+        name = "sparsa_sketch"
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        if not built.exists():
+            print("sparsa: building the AVX2 sketch kernel (once per machine, about 15 s)", file=sys.stderr)
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=[str(COMPILED_SOURCE)],
+                extra_cflags=COMPILED_FLAGS,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+            _compiled_built = True
+        # A missing compiler or ninja, or a failed build, raises one of several types; the PyTorch
+        # kernels remain either way.
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            message = f"sparsa: the AVX2 sketch kernel did not build ({reason}); PyTorch's kernels remain"
+            print(message, file=sys.stderr)
+            _compiled_built = False
+    return _compiled_built
+
+
+def _compiled_available(device: torch.device, dim: int, page_size: int) -> bool:
+    shape_fits = dim % 16 == 0 and page_size % 8 == 0
+    cpu_fits = device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return shape_fits and cpu_fits and _build_compiled()
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    product: Callable[[Tensor, Tensor], Tensor]
-    available: Callable[[torch.device, int], bool]
+    page_max: Callable[[Tensor, Tensor, int], Tensor]
+    available: Callable[[torch.device, int, int], bool]
+    """(device, D, page size) -> whether the kernel can run there."""
+
+
+def _has_int_mm(device: torch.device, dim: int, page_size: int) -> bool:
+    return hasattr(torch, "_int_mm")
 
 
 KERNELS = {
     kernel.name: kernel
     for kernel in (
-        Kernel("int_mm", _int_mm, lambda device, dim: hasattr(torch, "_int_mm")),
-        Kernel("int_mm_query_major", _int_mm_query_major, lambda device, dim: hasattr(torch, "_int_mm")),
-        Kernel("float_mm", _float_mm, lambda device, dim: True),
+        Kernel("compiled", _compiled, _compiled_available),
+        Kernel("int_mm", _int_mm, _has_int_mm),
+        Kernel("int_mm_query_major", _int_mm_query_major, _has_int_mm),
+        Kernel("float_mm", _float_mm, lambda device, dim, page_size: True),
     )
 }
-"""Every exact implementation of query codes (R, D) x codes (N, D)^T -> (R, N) integers (int32 or fp32).
-A kernel that raises on a shape (``torch._int_mm`` on CUDA below 17 query rows) is rejected."""
+"""Every exact implementation of :func:`page_max_dots`. A kernel that raises on a shape
+(``torch._int_mm`` on CUDA below 17 query rows) is rejected."""
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the calibration found for one (device type, D): the kernel used and each kernel's time."""
+    """What the calibration found for one (device type, D, page size): the kernel used and each one's time."""
 
     kernel: str
     milliseconds: dict[str, float]
     """Each exact kernel's time on the calibration problem (inexact or unavailable ones are absent)."""
     rejected: tuple[str, ...]
-    """Kernels that returned a wrong integer at the int8 extremes."""
+    """Kernels that returned a wrong integer at the extremes."""
 
 
-_calibrations: dict[tuple[str, int, str | None], Calibration] = {}
+_calibrations: dict[tuple[str, int, int, str | None], Calibration] = {}
 
 
-def integer_dots(codes: Tensor, query_codes: Tensor) -> Tensor:
-    """query_codes (R, D) int8 times codes (N, D) int8, transposed -> (R, N), every entry the exact
-    integer (int32 or fp32, by kernel)."""
-    dim = codes.shape[1]
-    if dim * CODE_LIMIT * CODE_LIMIT >= 2**24:
-        raise ValueError(f"the sketch's int8 products are exact only for head_dim <= 1040, got {dim}")
-    return KERNELS[calibration(codes.device, dim).kernel].product(codes, query_codes)
-
-
-def calibration(device: torch.device | str, dim: int) -> Calibration:
-    """The calibration for ``device``'s type and head dimension ``dim``, run on first use."""
+def calibration(device: torch.device | str, dim: int, page_size: int = 16) -> Calibration:
+    """The calibration for ``device``'s type, head dimension ``dim`` and ``page_size``, run on first use."""
     device = torch.device(device)
     forced = _forced_kernel()
-    key = (device.type, dim, forced)
+    key = (device.type, dim, page_size, forced)
     if key not in _calibrations:
-        _calibrations[key] = _calibrate(device, dim, forced)
+        _calibrations[key] = _calibrate(device, dim, page_size, forced)
     return _calibrations[key]
 
 
@@ -116,63 +213,84 @@ def _forced_kernel() -> str | None:
     return name
 
 
-def _calibrate(device: torch.device, dim: int, forced: str | None) -> Calibration:
-    codes, query_codes = _extreme_codes(device, dim)
-    expected = query_codes.long() @ codes.long().T
+def _calibrate(device: torch.device, dim: int, page_size: int, forced: str | None) -> Calibration:
+    cases = [_reference_case(codes, query_codes, page_size) for codes, query_codes in _extreme_cases(dim)]
     candidates = [forced] if forced else list(KERNELS)
     exact, rejected = [], []
     for name in candidates:
         kernel = KERNELS[name]
-        if not kernel.available(device, dim):
+        if not kernel.available(device, dim, page_size):
             if forced:
                 raise ValueError(
-                    f"{ENVIRONMENT_VARIABLE}={name} is not available on {device.type} for D={dim}"
+                    f"{ENVIRONMENT_VARIABLE}={name} is not available on {device.type} "
+                    f"for D={dim} and pages of {page_size}"
                 )
             continue
-        try:
-            got = kernel.product(codes, query_codes)
-        except RuntimeError:
-            got = None
-        if got is not None and torch.equal(got.long(), expected):
+        if all(_agrees(kernel, page_size, device, *case) for case in cases):
             exact.append(name)
         else:
             rejected.append(name)
     if not exact:
-        raise RuntimeError(f"no exact int8 product on {device.type} for D={dim}: {', '.join(rejected)} erred")
-    milliseconds = {name: _time(KERNELS[name].product, device, dim) for name in exact}
+        erred = ", ".join(rejected)
+        raise RuntimeError(f"no exact sketch product on {device.type} for D={dim}: {erred} erred")
+    milliseconds = {name: _time(KERNELS[name].page_max, device, dim, page_size) for name in exact}
     return Calibration(min(milliseconds, key=milliseconds.get), milliseconds, tuple(rejected))
 
 
-def _extreme_codes(device: torch.device, dim: int) -> tuple[Tensor, Tensor]:
-    """Codes and query codes whose products reach +-127^2 D and cancel exactly, beside random ones."""
+def _agrees(kernel: Kernel, page_size: int, device: torch.device, codes, query_codes, expected) -> bool:
+    try:
+        got = kernel.page_max(codes.to(device), query_codes.to(device), page_size)
+    except RuntimeError:
+        return False
+    return torch.equal(got.cpu().long(), expected)
+
+
+def _reference_case(codes: Tensor, query_codes: Tensor, page_size: int) -> list[Tensor]:
+    """Keys in pages three ways (as given; each alone beside zeros; beside its negation), with the
+    int64 page maxima: the last two together show every key's own product, whatever its neighbours."""
+    keys = codes.shape[0]
+    padded = torch.zeros(-(-keys // page_size) * page_size, codes.shape[1], dtype=torch.int8)
+    padded[:keys] = codes
+    alone = torch.zeros(keys, page_size, codes.shape[1], dtype=torch.int8)
+    alone[:, 0] = codes
+    negated = alone.clone()
+    if page_size > 1:
+        negated[:, 1] = -codes
+    arranged = torch.cat([padded, alone.flatten(0, 1), negated.flatten(0, 1)])
+    expected = (query_codes.long() @ arranged.long().T).view(query_codes.shape[0], -1, page_size).amax(-1)
+    return [arranged, query_codes, expected]
+
+
+def _extreme_cases(dim: int) -> list[tuple[Tensor, Tensor]]:
+    """Key and query codes whose products reach +-127 * 32385 * D and cancel exactly, beside random ones."""
     generator = torch.Generator().manual_seed(0)
-    alternating = CODE_LIMIT * (1 - 2 * (torch.arange(dim) % 2))
-    patterns = torch.stack(
-        [
-            torch.full((dim,), CODE_LIMIT),
-            torch.full((dim,), -CODE_LIMIT),
-            alternating,
-            -alternating,
-            torch.where(torch.arange(dim) < dim // 2, CODE_LIMIT, -CODE_LIMIT),
-        ]
-    )
-    random_codes = torch.randint(-CODE_LIMIT, CODE_LIMIT + 1, (64, dim), generator=generator)
-    codes = torch.cat([patterns, random_codes, patterns]).to(torch.int8)
-    query_codes = torch.cat([patterns, random_codes[:3]]).to(torch.int8)
-    return codes.to(device), query_codes.to(device)
+    sign = 1 - 2 * (torch.arange(dim) % 2)
+    halves = torch.where(torch.arange(dim) < dim // 2, 1, -1)
+    key_patterns = CODE_LIMIT * torch.stack([torch.ones(dim, dtype=torch.long), sign, halves])
+    key_patterns = torch.cat([key_patterns, -key_patterns])
+    random_keys = torch.randint(-CODE_LIMIT, CODE_LIMIT + 1, (61, dim), generator=generator)
+    codes = torch.cat([key_patterns, random_keys]).to(torch.int8)
+    # The largest codes, and the codes where the split into 255 hi + lo turns (127, 128, 32385).
+    largest = QUERY_LEVELS * key_patterns // CODE_LIMIT
+    query_patterns = torch.cat([largest, 127 * sign[None], 128 * halves[None]])
+    random_queries = torch.randint(-QUERY_LEVELS, QUERY_LEVELS + 1, (3, dim), generator=generator)
+    query_codes = torch.cat([query_patterns, random_queries]).to(torch.int16)
+    return [(codes, query_codes), (codes, query_codes[:1])]
 
 
-def _time(product: Callable[[Tensor, Tensor], Tensor], device: torch.device, dim: int) -> float:
+def _time(page_max: Callable, device: torch.device, dim: int, page_size: int) -> float:
     generator = torch.Generator().manual_seed(1)
-    codes = torch.randint(-CODE_LIMIT, CODE_LIMIT + 1, (CALIBRATION_KEYS, dim), generator=generator)
-    query_codes = torch.randint(-CODE_LIMIT, CODE_LIMIT + 1, (CALIBRATION_QUERIES, dim), generator=generator)
-    codes, query_codes = codes.to(torch.int8).to(device), query_codes.to(torch.int8).to(device)
+    keys = -(-CALIBRATION_KEYS // page_size) * page_size
+    codes = torch.randint(-CODE_LIMIT, CODE_LIMIT + 1, (keys, dim), generator=generator).to(torch.int8)
+    shape = (CALIBRATION_QUERIES, dim)
+    query_codes = torch.randint(-QUERY_LEVELS, QUERY_LEVELS + 1, shape, generator=generator)
+    codes, query_codes = codes.to(device), query_codes.to(torch.int16).to(device)
     best = float("inf")
     for _ in range(CALIBRATION_REPEATS + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        product(codes, query_codes)
+        page_max(codes, query_codes, page_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)

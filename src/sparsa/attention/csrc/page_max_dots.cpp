@@ -1,0 +1,84 @@
+// The decoder's int8 key sketch against int16 query codes, exact, with each page's largest dot per query.
+//
+// Keys are widened to int16 once per group of 8 and multiplied by every query with vpmaddwd: each
+// product is at most 127 * 32767 and a sum of D of them fits in int32 for D <= 512, so every result
+// is the exact integer. The page maximum is taken in registers: the (queries x keys) products are
+// never written to memory.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t KEYS_PER_GROUP = 8;
+constexpr int64_t LANES = 16;
+
+// The 8 sums of the int32 lanes of a[0..7], in that order.
+inline __m256i lane_sums(const __m256i* a) {
+  const __m256i s01 = _mm256_hadd_epi32(a[0], a[1]);
+  const __m256i s23 = _mm256_hadd_epi32(a[2], a[3]);
+  const __m256i s45 = _mm256_hadd_epi32(a[4], a[5]);
+  const __m256i s67 = _mm256_hadd_epi32(a[6], a[7]);
+  const __m256i t0 = _mm256_hadd_epi32(s01, s23);
+  const __m256i t1 = _mm256_hadd_epi32(s45, s67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
+}
+
+inline int32_t lane_max(__m256i v) {
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+  return _mm_cvtsi128_si32(m);
+}
+
+}  // namespace
+
+at::Tensor page_max_dots(const at::Tensor& codes, const at::Tensor& queries, int64_t page_size) {
+  TORCH_CHECK(codes.device().is_cpu() && queries.device().is_cpu(), "page_max_dots runs on the CPU");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "codes must be a contiguous int8 matrix (N, D)");
+  TORCH_CHECK(queries.dim() == 2 && queries.scalar_type() == at::kShort && queries.is_contiguous(),
+              "queries must be a contiguous int16 matrix (Q, D)");
+  const int64_t keys = codes.size(0), dim = codes.size(1), count = queries.size(0);
+  TORCH_CHECK(queries.size(1) == dim && dim % LANES == 0 && dim <= 512,
+              "queries must have the codes' D, a multiple of 16 and at most 512");
+  TORCH_CHECK(page_size % KEYS_PER_GROUP == 0 && keys % page_size == 0, "pages of a multiple of 8 keys");
+  const int64_t pages = keys / page_size, chunks = dim / LANES;
+  auto out = at::empty({count, pages}, codes.options().dtype(at::kInt));
+  const int8_t* code_data = codes.data_ptr<int8_t>();
+  const int16_t* query_data = queries.data_ptr<int16_t>();
+  int32_t* out_data = out.data_ptr<int32_t>();
+  at::parallel_for(0, pages, 16, [&](int64_t first, int64_t end) {
+    std::vector<__m256i> widened(KEYS_PER_GROUP * chunks);
+    std::vector<__m256i> largest(count);
+    for (int64_t page = first; page < end; ++page) {
+      for (int64_t q = 0; q < count; ++q) largest[q] = _mm256_set1_epi32(INT32_MIN);
+      for (int64_t group = 0; group < page_size; group += KEYS_PER_GROUP) {
+        const int8_t* key = code_data + (page * page_size + group) * dim;
+        for (int64_t k = 0; k < KEYS_PER_GROUP; ++k)
+          for (int64_t j = 0; j < chunks; ++j)
+            widened[k * chunks + j] = _mm256_cvtepi8_epi16(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(key + k * dim + j * LANES)));
+        for (int64_t q = 0; q < count; ++q) {
+          const int16_t* query = query_data + q * dim;
+          __m256i sums[KEYS_PER_GROUP];
+          for (int64_t k = 0; k < KEYS_PER_GROUP; ++k) sums[k] = _mm256_setzero_si256();
+          for (int64_t j = 0; j < chunks; ++j) {
+            const __m256i part = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(query + j * LANES));
+            for (int64_t k = 0; k < KEYS_PER_GROUP; ++k)
+              sums[k] = _mm256_add_epi32(sums[k], _mm256_madd_epi16(widened[k * chunks + j], part));
+          }
+          largest[q] = _mm256_max_epi32(largest[q], lane_sums(sums));
+        }
+      }
+      for (int64_t q = 0; q < count; ++q) out_data[q * pages + page] = lane_max(largest[q]);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(sparsa_sketch, m) { m.def("page_max_dots(Tensor codes, Tensor queries, int page_size) -> Tensor", &page_max_dots); }
