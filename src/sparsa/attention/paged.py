@@ -370,6 +370,7 @@ class _Rows:
         self.position = cache.lengths[self.b] - n_q + i
         self.alpha = alpha[self.h]
         self.slope = slopes[self.b, self.h]
+        self.alibi = bool((self.slope != 0).any())
         self.query = q.reshape(-1, dim).float()
         self.window = None if window is None else int(window)
         self.softcap = None if softcap is None else float(softcap)
@@ -408,15 +409,18 @@ class _Rows:
         content = soft_capped(
             (dot + BOUND_MARGIN * size).reshape(-1, pages - first) * self.scale, self.softcap
         )
-        bound = content + self._page_bias(page)
+        bound = self._with_page_bias(content, page)
         hidden = (page >= self.end_page[:, None]) | (page < self.first_page[:, None])
         bound = _unbounded_where_nan(bound).masked_fill(hidden, -math.inf)
         return torch.nn.functional.pad(bound, (first, 0), value=-math.inf)
 
-    def _page_bias(self, page: Tensor) -> Tensor:
-        """(R, pages): the largest ALiBi bias of each of the pages ``page``, at its last key the row sees."""
+    def _with_page_bias(self, bound: Tensor, page: Tensor) -> Tensor:
+        """bound (R, pages) plus the largest ALiBi bias of each of the pages ``page``, at its last key the
+        row sees (without ALiBi: bound itself, unchanged)."""
+        if not self.alibi:
+            return bound
         last_key = torch.minimum((page + 1) * self.cache.page_size - 1, self.position[:, None])
-        return self.slope[:, None] * (last_key - self.position[:, None])
+        return bound + self.slope[:, None] * (last_key - self.position[:, None])
 
     def _scores(self, pages: Tensor, count: Tensor) -> Tensor:
         """Scores (R, W * P) of the pages (R, W) each row reads; only the first ``count`` of a row count."""
@@ -455,7 +459,9 @@ class _Rows:
     def _candidates(self, tau: Tensor) -> Tensor:
         """Pages whose bound could beat tau, per row (for softmax rows: every visible page)."""
         alpha = self.alpha[:, None]
-        beats = torch.where(alpha == 1, self.bounds > -math.inf, (alpha - 1) * self.bounds > tau[:, None])
+        beats = (alpha - 1) * self.bounds > tau[:, None]
+        if bool((alpha == 1).any()):
+            beats = torch.where(alpha == 1, self.bounds > -math.inf, beats)
         return beats.sum(-1)
 
     def _sketch_where_it_can_pay(self, first_support: Tensor) -> Tensor:
@@ -475,9 +481,8 @@ class _Rows:
         worth = (open_share > SKETCH_OPEN_SHARE) & sparse_rows & (self.cache.head_dim <= MAX_HEAD_DIM)
         rows = self._rows_of(worth)
         if bool(worth.any()):
-            self.bounds = torch.where(
-                rows[:, None], torch.minimum(self.bounds, self._sketch_bounds(worth)), self.bounds
-            )
+            # Both are bounds wherever they are finite; the sketch's is +inf (or the cap) off its groups.
+            self.bounds = torch.minimum(self.bounds, self._sketch_bounds(worth))
         return rows
 
     def _sketch_bounds(self, groups: Tensor) -> Tensor:
@@ -511,7 +516,7 @@ class _Rows:
         bounds = bounds.masked_fill(~groups[:, :, None, None], math.inf)
         page = torch.arange(pages, device=bounds.device)
         content = soft_capped(bounds.view(-1, pages) * self.scale, self.softcap)
-        return _unbounded_where_nan(content + self._page_bias(page))
+        return _unbounded_where_nan(self._with_page_bias(content, page))
 
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""

@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -37,6 +38,39 @@ inline int32_t lane_max(__m256i v) {
 
 }  // namespace
 
+// Pages [first, end) of codes against every query: Chunks (D / 16) fixed at compile time where it can
+// be, so that the loops unroll and the key group stays in the first-level cache.
+template <int64_t Chunks>
+void pages_against_queries(const int8_t* codes, const int16_t* queries, int32_t* out, int64_t first,
+                           int64_t end, int64_t pages, int64_t page_size, int64_t count, int64_t chunks) {
+  const int64_t width = Chunks > 0 ? Chunks : chunks;
+  const int64_t dim = width * LANES;
+  alignas(32) __m256i widened[KEYS_PER_GROUP * (Chunks > 0 ? Chunks : 32)];
+  std::vector<__m256i> largest(count);
+  for (int64_t page = first; page < end; ++page) {
+    for (int64_t q = 0; q < count; ++q) largest[q] = _mm256_set1_epi32(INT32_MIN);
+    for (int64_t group = 0; group < page_size; group += KEYS_PER_GROUP) {
+      const int8_t* key = codes + (page * page_size + group) * dim;
+      for (int64_t k = 0; k < KEYS_PER_GROUP; ++k)
+        for (int64_t j = 0; j < width; ++j)
+          widened[k * width + j] = _mm256_cvtepi8_epi16(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(key + k * dim + j * LANES)));
+      for (int64_t q = 0; q < count; ++q) {
+        const int16_t* query = queries + q * dim;
+        __m256i sums[KEYS_PER_GROUP];
+        for (int64_t k = 0; k < KEYS_PER_GROUP; ++k) sums[k] = _mm256_setzero_si256();
+        for (int64_t j = 0; j < width; ++j) {
+          const __m256i part = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(query + j * LANES));
+          for (int64_t k = 0; k < KEYS_PER_GROUP; ++k)
+            sums[k] = _mm256_add_epi32(sums[k], _mm256_madd_epi16(widened[k * width + j], part));
+        }
+        largest[q] = _mm256_max_epi32(largest[q], lane_sums(sums));
+      }
+    }
+    for (int64_t q = 0; q < count; ++q) out[q * pages + page] = lane_max(largest[q]);
+  }
+}
+
 at::Tensor page_max_dots(const at::Tensor& codes, const at::Tensor& queries, int64_t page_size) {
   TORCH_CHECK(codes.device().is_cpu() && queries.device().is_cpu(), "page_max_dots runs on the CPU");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
@@ -53,29 +87,16 @@ at::Tensor page_max_dots(const at::Tensor& codes, const at::Tensor& queries, int
   const int16_t* query_data = queries.data_ptr<int16_t>();
   int32_t* out_data = out.data_ptr<int32_t>();
   at::parallel_for(0, pages, 16, [&](int64_t first, int64_t end) {
-    std::vector<__m256i> widened(KEYS_PER_GROUP * chunks);
-    std::vector<__m256i> largest(count);
-    for (int64_t page = first; page < end; ++page) {
-      for (int64_t q = 0; q < count; ++q) largest[q] = _mm256_set1_epi32(INT32_MIN);
-      for (int64_t group = 0; group < page_size; group += KEYS_PER_GROUP) {
-        const int8_t* key = code_data + (page * page_size + group) * dim;
-        for (int64_t k = 0; k < KEYS_PER_GROUP; ++k)
-          for (int64_t j = 0; j < chunks; ++j)
-            widened[k * chunks + j] = _mm256_cvtepi8_epi16(
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(key + k * dim + j * LANES)));
-        for (int64_t q = 0; q < count; ++q) {
-          const int16_t* query = query_data + q * dim;
-          __m256i sums[KEYS_PER_GROUP];
-          for (int64_t k = 0; k < KEYS_PER_GROUP; ++k) sums[k] = _mm256_setzero_si256();
-          for (int64_t j = 0; j < chunks; ++j) {
-            const __m256i part = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(query + j * LANES));
-            for (int64_t k = 0; k < KEYS_PER_GROUP; ++k)
-              sums[k] = _mm256_add_epi32(sums[k], _mm256_madd_epi16(widened[k * chunks + j], part));
-          }
-          largest[q] = _mm256_max_epi32(largest[q], lane_sums(sums));
-        }
-      }
-      for (int64_t q = 0; q < count; ++q) out_data[q * pages + page] = lane_max(largest[q]);
+    const auto run = [&](auto fixed) {
+      pages_against_queries<decltype(fixed)::value>(code_data, query_data, out_data, first, end, pages,
+                                                    page_size, count, chunks);
+    };
+    if (chunks == 4) {
+      run(std::integral_constant<int64_t, 4>{});
+    } else if (chunks == 8) {
+      run(std::integral_constant<int64_t, 8>{});
+    } else {
+      run(std::integral_constant<int64_t, 0>{});
     }
   });
   return out;
