@@ -19,6 +19,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(blocked, "KEY_BLOCK", 8)
     monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 32)
     monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 1 << 11)
+    monkeypatch.setattr(blocked, "MIN_BOUNDED_QUERY_BLOCKS", 1)
 
 
 def scored_keys(out, n_q, n_k):
@@ -126,6 +127,21 @@ def test_chunked_prefill_and_a_single_query():
         assert_same(run_both(q[:, :, -rows:], k, v, **options))
         largest, scored, _ = unscored_weight(q[:, :, -rows:], k, v, **options)
         assert largest == 0 and not bool(scored.all())
+
+
+def test_a_few_query_blocks_score_every_key_without_summaries(monkeypatch):
+    """Below MIN_BOUNDED_QUERY_BLOCKS query blocks the key summaries would cost more than they save."""
+    torch.manual_seed(1)
+    q, k, v = make(1, 4, 2, 80, 200, 8, spread=1.5)
+    options = dict(alpha=1.5, is_causal=True, alibi_slopes=STEEP)
+    for rows, skips in ((1, False), (3 * blocked.MIN_QUERY_BLOCK, False), (80, True)):
+        rows_q = q[:, :, -rows:]
+        monkeypatch.setattr(blocked, "MIN_BOUNDED_QUERY_BLOCKS", 10**9)
+        every = int(unscored_weight(rows_q, k, v, **options)[1].sum())
+        monkeypatch.setattr(blocked, "MIN_BOUNDED_QUERY_BLOCKS", 4)
+        assert_same(run_both(rows_q, k, v, **options))
+        largest, scored, _ = unscored_weight(rows_q, k, v, **options)
+        assert largest == 0 and (int(scored.sum()) < every) == skips
 
 
 def test_masks_enter_the_bounds():

@@ -50,6 +50,10 @@ MAX_GROWN_QUERY_BLOCK = 128
 # Shorter key sequences are scored whole: measured on CPU (1k-token training steps), the bounds'
 # bookkeeping there costs more than the scores it saves.
 MIN_BOUNDED_KEYS = 2048
+# The key summaries read every key three times (maxima, minima, norms), which only query blocks that
+# skip scoring can repay: with fewer blocks than this (one decoding query over a long cache) they cost
+# more than they save; one query over 256k keys took 5x its dense time with them.
+MIN_BOUNDED_QUERY_BLOCKS = 4
 # Up to this many units that score every key run their products one by one over views of the
 # keys; more units pay less per call for a copy of their keys and one batched product.
 PER_UNIT_LOOP_MAX = 8
@@ -293,9 +297,11 @@ class _KeyBounds:
 
     def __init__(self, k: Tensor) -> None:
         """``k``: the flat keys (B * Hkv, Nk, D)."""
-        padded = torch.cat([k, k[:, -1:].expand(-1, -k.shape[1] % KEY_BLOCK, -1)], 1)
-        blocks = padded.view(k.shape[0], -1, KEY_BLOCK, k.shape[-1])
-        self.extremes = torch.cat([blocks.amax(2), blocks.amin(2)], -1)
+        whole = k.shape[1] // KEY_BLOCK * KEY_BLOCK
+        blocks = [k[:, :whole].unflatten(1, (-1, KEY_BLOCK))]
+        if whole < k.shape[1]:
+            blocks.append(k[:, None, whole:])
+        self.extremes = torch.cat([torch.cat([b.amax(2), b.amin(2)], -1) for b in blocks], 1)
         self.largest_norm = k.norm(dim=-1).amax(-1)
 
     def live(
@@ -418,7 +424,10 @@ class BlockedAttention(torch.autograd.Function):
         m = q.new_zeros(layout.batch, layout.heads, layout.n_q, dtype=layout.work)
         s = torch.full_like(m, float("inf"))
         support = torch.zeros(m.shape, dtype=torch.long, device=q.device)
-        bounds = _KeyBounds(flat_k) if layout.prunes and layout.n_k >= MIN_BOUNDED_KEYS else None
+        query_blocks = -(-layout.n_q // layout.block)
+        long_enough = layout.n_k >= MIN_BOUNDED_KEYS and query_blocks >= MIN_BOUNDED_QUERY_BLOCKS
+        bounded = layout.prunes and long_enough
+        bounds = _KeyBounds(flat_k) if bounded else None
         plans, scored, visible_blocks = [], 0, 0
         unscored = torch.zeros(layout.units, device=q.device)
         start, block = 0, layout.block
