@@ -9,15 +9,17 @@ TORCH_PIN := torch==2.13.0
 
 # The set-up says what it does; times measured on this project's 2-core machine.
 $(BIN)/activate:
-	@echo "setup 1/3: virtual environment in $(VENV), newest pip (about 5 s)"
+	@echo "setup 1/4: virtual environment in $(VENV), newest pip (about 5 s)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
-	@echo "setup 2/3: $(TORCH_PIN), CPU build (about 30 s)"
+	@echo "setup 2/4: $(TORCH_PIN), CPU build (about 30 s)"
 	@$(BIN)/pip install --quiet $(TORCH_PIN)
-	@echo "setup 3/3: sparsa (editable) with its test, benchmark, documentation and integration tools (about 40 s)"
+	@echo "setup 3/4: sparsa (editable) with its test, benchmark, documentation and integration tools (about 40 s)"
 	@$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@echo "setup 4/4: the decoder's compiled AVX2 sketch kernel, if this machine can build it (about 15 s)"
+	@$(BIN)/python -c "from sparsa.attention import sketch_kernels; sketch_kernels.calibration('cpu', 128)"
 	@touch $@
 	@echo "setup done: $(VENV)"
 

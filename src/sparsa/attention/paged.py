@@ -255,7 +255,7 @@ class DecodeStats:
     densely counts its keys once, and the int8 sketch of a KV head counts once); dense: the rows
     decoded by the dense path (their support_pages is -1), for the KV heads where gathering
     pages would cost more than reading them all; sketched: the rows whose bounds the int8 key
-    sketch tightened; sketch_kernel: the exact int8 product the sketch used (chosen by
+    sketch tightened; sketch_kernel: the kernel that gave the sketch's exact page maxima (chosen by
     measurement, see ``sparsa.attention.sketch_kernels``), None when no row was sketched.
     """
 
@@ -414,13 +414,16 @@ class _Rows:
         bound = _unbounded_where_nan(bound).masked_fill(hidden, -math.inf)
         return torch.nn.functional.pad(bound, (first, 0), value=-math.inf)
 
-    def _with_page_bias(self, bound: Tensor, page: Tensor) -> Tensor:
-        """bound (R, pages) plus the largest ALiBi bias of each of the pages ``page``, at its last key the
-        row sees (without ALiBi: bound itself, unchanged)."""
+    def _with_page_bias(self, bound: Tensor, page: Tensor, rows: Tensor | None = None) -> Tensor:
+        """bound (R, pages), or (len(rows), pages) for the rows ``rows``, plus the largest ALiBi bias of
+        each of the pages ``page``, at its last key the row sees (without ALiBi: bound, unchanged)."""
         if not self.alibi:
             return bound
-        last_key = torch.minimum((page + 1) * self.cache.page_size - 1, self.position[:, None])
-        return bound + self.slope[:, None] * (last_key - self.position[:, None])
+        position, slope = (
+            (self.position, self.slope) if rows is None else (self.position[rows], self.slope[rows])
+        )
+        last_key = torch.minimum((page + 1) * self.cache.page_size - 1, position[:, None])
+        return bound + slope[:, None] * (last_key - position[:, None])
 
     def _scores(self, pages: Tensor, count: Tensor) -> Tensor:
         """Scores (R, W * P) of the pages (R, W) each row reads; only the first ``count`` of a row count."""
@@ -481,12 +484,12 @@ class _Rows:
         worth = (open_share > SKETCH_OPEN_SHARE) & sparse_rows & (self.cache.head_dim <= MAX_HEAD_DIM)
         rows = self._rows_of(worth)
         if bool(worth.any()):
-            # Both are bounds wherever they are finite; the sketch's is +inf (or the cap) off its groups.
-            self.bounds = torch.minimum(self.bounds, self._sketch_bounds(worth))
+            index = rows.nonzero()[:, 0]
+            self.bounds[index] = torch.minimum(self.bounds[index], self._sketch_bounds(worth, index))
         return rows
 
-    def _sketch_bounds(self, groups: Tensor) -> Tensor:
-        """(R, pages) page bounds from the int8 sketch for the rows of ``groups`` (B, Hkv); +inf elsewhere.
+    def _sketch_bounds(self, groups: Tensor, rows: Tensor) -> Tensor:
+        """Page bounds (len(rows), pages) from the int8 sketch for the rows ``rows`` of ``groups`` (B, Hkv).
 
         With k = s c + e (|e_d| <= s / 2, s the page's scale) and the query q = t u + f in int16
         codes u (|f_d| <= t / 2, t = max|q| / QUERY_LEVELS): q . c <= t (u . c + ||c||_1 / 2) and
@@ -494,29 +497,28 @@ class _Rows:
         (``sketch_kernels.page_max_dots``), one call per KV head; the rest is one fp32 pass.
         """
         cache, pages = self.cache, self.bounds.shape[1]
-        queries = self.query.view(*self._groups, -1)
-        first_pages = self.first_page.view(self._groups).amin(-1)
-        largest = torch.full((*self._groups, pages), torch.iinfo(torch.int32).max, device=queries.device)
+        batch_rows, kv_heads = groups.nonzero().unbind(1)
+        queries = self.query.view(*self._groups, -1)[batch_rows, kv_heads]
+        first_pages = self.first_page.view(self._groups).amin(-1)[batch_rows, kv_heads].tolist()
+        largest = torch.full((*queries.shape[:2], pages), torch.iinfo(torch.int32).max, device=queries.device)
         largest = largest.to(torch.int32)
         step = queries.abs().amax(-1, keepdim=True).clamp_min(1e-30) / QUERY_LEVELS
         query_codes = torch.round(queries / step).clamp(-QUERY_LEVELS, QUERY_LEVELS).to(torch.int16)
-        for row, kv_head in groups.nonzero().tolist():
+        for i, (row, kv_head) in enumerate(zip(batch_rows.tolist(), kv_heads.tolist(), strict=True)):
             # The pages before the group's windows stay unread (their bound is -inf already).
-            first = min(int(first_pages[row, kv_head]), pages - 1)
+            first = min(first_pages[i], pages - 1)
             codes = cache.key_codes[row, kv_head, first:pages].view(-1, cache.head_dim)
-            maxima = page_max_dots(codes, query_codes[row, kv_head], cache.page_size)
-            largest[row, kv_head, :, first:] = maxima
+            largest[i, :, first:] = page_max_dots(codes, query_codes[i], cache.page_size)
         # q / t is rounded to fp32 (half an ulp at QUERY_LEVELS is 2^-10) before its rounding to an
         # integer, so |f_d| <= t (1/2 + 2^-10); the fp32 arithmetic below errs by less than 1e-4 s ||q||_1
         # (|u . c| <= 127 ||u||_1, D <= 512). The 1e-3 beyond each half covers both.
         half = 0.5 + 1e-3
-        norms = cache.key_code_norm[:, :, :pages].amax(-1).float()[:, :, None]
+        norms = cache.key_code_norm[batch_rows, kv_heads, :pages].amax(-1).float()[:, None]
         dot = (largest.float() + half * norms) * step + half * queries.abs().sum(-1, keepdim=True)
-        bounds = cache.key_scale[:, :, :pages][:, :, None] * dot
-        bounds = bounds.masked_fill(~groups[:, :, None, None], math.inf)
+        bounds = cache.key_scale[batch_rows, kv_heads, :pages][:, None] * dot
         page = torch.arange(pages, device=bounds.device)
         content = soft_capped(bounds.view(-1, pages) * self.scale, self.softcap)
-        return _unbounded_where_nan(self._with_page_bias(content, page))
+        return _unbounded_where_nan(self._with_page_bias(content, page, rows))
 
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
@@ -638,7 +640,7 @@ class _Rows:
             bytes_read=bytes_read,
             dense=self._view(dense_rows),
             sketched=self._view(self.sketched),
-            sketch_kernel=calibration(cache.device, cache.head_dim).kernel
+            sketch_kernel=calibration(cache.device, cache.head_dim, cache.page_size).kernel
             if bool(self.sketched.any())
             else None,
         )

@@ -313,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _calibration_line() -> str:
-    found = sketch_kernels.calibration("cpu", HEAD_DIM)
+    found = sketch_kernels.calibration("cpu", HEAD_DIM, PAGE_SIZE)
     times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in found.milliseconds.items())
     rejected = f"; rejected as inexact: {', '.join(found.rejected)}" if found.rejected else ""
     return f"{found.kernel} ({times}{rejected})"
