@@ -400,19 +400,20 @@ class _Rows:
         q = self.query.view(batch, cache.kv_heads, -1, cache.head_dim)
         # Keys-major (pages x 2D times 2D x queries): twice as fast here as the queries-major product.
         signed = torch.cat([q.clamp_min(0), q.clamp_max(0)], -1)
-        dot = (extremes @ signed.transpose(-1, -2)).transpose(-1, -2)
+        dot = (extremes @ signed.transpose(-1, -2)).transpose(-1, -2).contiguous()
         # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of it;
         # max|k_d| over the pages is their largest sketch scale times SKETCH_LEVELS.
         largest_key = cache.key_scale[:, :, first:pages].amax(-1) * SKETCH_LEVELS
         size = q.abs().sum(-1, keepdim=True) * largest_key[:, :, None, None]
         page = torch.arange(first, pages, device=q.device)
-        content = soft_capped(
-            (dot + BOUND_MARGIN * size).reshape(-1, pages - first) * self.scale, self.softcap
-        )
-        bound = self._with_page_bias(content, page)
-        hidden = (page >= self.end_page[:, None]) | (page < self.first_page[:, None])
-        bound = _unbounded_where_nan(bound).masked_fill(hidden, -math.inf)
-        return torch.nn.functional.pad(bound, (first, 0), value=-math.inf)
+        # In place: each pass over the (rows x pages) bounds costs about as much as the product itself.
+        content = dot.add_(size, alpha=BOUND_MARGIN).view(-1, pages - first).mul_(self.scale)
+        bound = _unbounded_where_nan_(self._with_page_bias(soft_capped(content, self.softcap), page))
+        if bool((self.end_page < pages).any() or (self.first_page > first).any()):
+            bound.masked_fill_(
+                (page >= self.end_page[:, None]) | (page < self.first_page[:, None]), -math.inf
+            )
+        return torch.nn.functional.pad(bound, (first, 0), value=-math.inf) if first else bound
 
     def _with_page_bias(self, bound: Tensor, page: Tensor, rows: Tensor | None = None) -> Tensor:
         """bound (R, pages), or (len(rows), pages) for the rows ``rows``, plus the largest ALiBi bias of
@@ -483,13 +484,16 @@ class _Rows:
         sparse_rows = ((self.alpha > 1) & (first_support < FLAT_SUPPORT)).view(groups).all(-1)
         worth = (open_share > SKETCH_OPEN_SHARE) & sparse_rows & (self.cache.head_dim <= MAX_HEAD_DIM)
         rows = self._rows_of(worth)
-        if bool(worth.any()):
+        if bool(worth.all()):
+            self.bounds = torch.minimum(self.bounds, self._sketch_bounds(worth, None), out=self.bounds)
+        elif bool(worth.any()):
             index = rows.nonzero()[:, 0]
             self.bounds[index] = torch.minimum(self.bounds[index], self._sketch_bounds(worth, index))
         return rows
 
-    def _sketch_bounds(self, groups: Tensor, rows: Tensor) -> Tensor:
-        """Page bounds (len(rows), pages) from the int8 sketch for the rows ``rows`` of ``groups`` (B, Hkv).
+    def _sketch_bounds(self, groups: Tensor, rows: Tensor | None) -> Tensor:
+        """Page bounds (len(rows), pages) from the int8 sketch for the rows ``rows`` of ``groups`` (B, Hkv)
+        (None: every group, every row).
 
         With k = s c + e (|e_d| <= s / 2, s the page's scale) and the query q = t u + f in int16
         codes u (|f_d| <= t / 2, t = max|q| / QUERY_LEVELS): q . c <= t (u . c + ||c||_1 / 2) and
@@ -514,11 +518,12 @@ class _Rows:
         # (|u . c| <= 127 ||u||_1, D <= 512). The 1e-3 beyond each half covers both.
         half = 0.5 + 1e-3
         norms = cache.key_code_norm[batch_rows, kv_heads, :pages].amax(-1).float()[:, None]
-        dot = (largest.float() + half * norms) * step + half * queries.abs().sum(-1, keepdim=True)
-        bounds = cache.key_scale[batch_rows, kv_heads, :pages][:, None] * dot
+        bounds = largest.float().add_(norms, alpha=half).mul_(step)
+        bounds.add_(queries.abs().sum(-1, keepdim=True), alpha=half)
+        bounds.mul_(cache.key_scale[batch_rows, kv_heads, :pages][:, None])
         page = torch.arange(pages, device=bounds.device)
-        content = soft_capped(bounds.view(-1, pages) * self.scale, self.softcap)
-        return _unbounded_where_nan(self._with_page_bias(content, page, rows))
+        content = soft_capped(bounds.view(-1, pages).mul_(self.scale), self.softcap)
+        return _unbounded_where_nan_(self._with_page_bias(content, page, rows))
 
     def _best_pages(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` pages of highest bound, best first: bounds and page indices (R, width)."""
@@ -650,9 +655,9 @@ class _Rows:
         return x.view(self.shape)
 
 
-def _unbounded_where_nan(bound: Tensor) -> Tensor:
-    """A NaN bound (a NaN or infinite key or query entry) bounds nothing: the page must be read."""
-    return bound.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+def _unbounded_where_nan_(bound: Tensor) -> Tensor:
+    """In place: a NaN bound (a NaN or infinite key or query entry) bounds nothing, the page must be read."""
+    return bound.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def _mass_bound(bound: Tensor, tau: Tensor, alpha: Tensor) -> Tensor:
