@@ -30,7 +30,7 @@ from torch import Tensor
 from ..normalize import entmax
 from .api import _check_alpha, _check_scale, _check_sinks, _check_softcap, _check_window, attention
 from .masks import KeyPadding, soft_capped
-from .sketch_kernels import MAX_HEAD_DIM, QUERY_LEVELS, calibration, page_max_dots
+from .sketch_kernels import CODE_LIMIT, MAX_HEAD_DIM, QUERY_LEVELS, calibration, page_max_dots
 from .stats import thresholds_of
 
 FIRST_GROUP_PAGES = 8
@@ -51,9 +51,6 @@ SKETCH_OPEN_SHARE = 0.15
 
 FLAT_SUPPORT = 0.9
 """A row whose first pages have this share of their keys in the support is taken to be dense."""
-
-SKETCH_LEVELS = 127
-"""int8 codes of the key sketch lie in [-127, 127]."""
 
 SUMMARY_PAGES = 1024
 """Pages summarised at once on append: bounds the temporary memory of a long prefill."""
@@ -97,7 +94,7 @@ class PagedKVCache:
         self.values = torch.empty(batch, kv_heads, 0, page_size, value_dim, dtype=dtype, device=device)
         self.key_extremes = torch.empty(batch, kv_heads, 0, 2, head_dim, dtype=torch.float32, device=device)
         """Each page's elementwise key maxima ([..., 0, :]) and minima ([..., 1, :]), side by side so that
-        one matrix product bounds the scores (``key_max`` and ``key_min`` are views)."""
+        one matrix product bounds the scores."""
         self.key_codes = torch.empty(batch, kv_heads, 0, page_size, head_dim, dtype=torch.int8, device=device)
         self.key_scale = torch.empty(batch, kv_heads, 0, dtype=torch.float32, device=device)
         self.key_code_norm = torch.empty(batch, kv_heads, 0, page_size, dtype=torch.int16, device=device)
@@ -111,14 +108,6 @@ class PagedKVCache:
         return cls(
             batch, kv_heads, dim, value_dim=v.shape[-1], page_size=page_size, dtype=k.dtype, device=k.device
         )
-
-    @property
-    def key_max(self) -> Tensor:
-        return self.key_extremes[:, :, :, 0]
-
-    @property
-    def key_min(self) -> Tensor:
-        return self.key_extremes[:, :, :, 1]
 
     @property
     def batch(self) -> int:
@@ -197,9 +186,9 @@ class PagedKVCache:
             low = pages.masked_fill(~filled, math.inf).amin(2)
             high = pages.masked_fill(~filled, -math.inf).amax(2)
             self.key_extremes[row, :, start:end] = torch.stack([high, low], 2)
-            scale = torch.maximum(high, -low).amax(-1) / SKETCH_LEVELS
+            scale = torch.maximum(high, -low).amax(-1) / CODE_LIMIT
             codes = torch.round(pages.masked_fill(~filled, 0.0) / scale.clamp_min(1e-30)[..., None, None])
-            codes = codes.clamp(-SKETCH_LEVELS, SKETCH_LEVELS)
+            codes = codes.clamp(-CODE_LIMIT, CODE_LIMIT)
             self.key_codes[row, :, start:end] = codes.to(torch.int8)
             self.key_code_norm[row, :, start:end] = codes.abs().sum(-1).to(torch.int16)
             self.key_scale[row, :, start:end] = scale
@@ -402,8 +391,8 @@ class _Rows:
         signed = torch.cat([q.clamp_min(0), q.clamp_max(0)], -1)
         dot = (extremes @ signed.transpose(-1, -2)).transpose(-1, -2).contiguous()
         # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of it;
-        # max|k_d| over the pages is their largest sketch scale times SKETCH_LEVELS.
-        largest_key = cache.key_scale[:, :, first:pages].amax(-1) * SKETCH_LEVELS
+        # max|k_d| over the pages is their largest sketch scale times CODE_LIMIT.
+        largest_key = cache.key_scale[:, :, first:pages].amax(-1) * CODE_LIMIT
         size = q.abs().sum(-1, keepdim=True) * largest_key[:, :, None, None]
         page = torch.arange(first, pages, device=q.device)
         # In place: each pass over the (rows x pages) bounds costs about as much as the product itself.
@@ -512,8 +501,8 @@ class _Rows:
         batch_rows, kv_heads = groups.nonzero().unbind(1)
         queries = self.query.view(*self._groups, -1)[batch_rows, kv_heads]
         first_pages = self.first_page.view(self._groups).amin(-1)[batch_rows, kv_heads].tolist()
-        largest = torch.full((*queries.shape[:2], pages), torch.iinfo(torch.int32).max, device=queries.device)
-        largest = largest.to(torch.int32)
+        shape = (*queries.shape[:2], pages)
+        largest = torch.full(shape, torch.iinfo(torch.int32).max, dtype=torch.int32, device=queries.device)
         step = queries.abs().amax(-1, keepdim=True).clamp_min(1e-30) / QUERY_LEVELS
         query_codes = torch.round(queries / step).clamp(-QUERY_LEVELS, QUERY_LEVELS).to(torch.int16)
         for i, (row, kv_head) in enumerate(zip(batch_rows.tolist(), kv_heads.tolist(), strict=True)):
