@@ -375,34 +375,42 @@ class _Rows:
         self.end_page = end_page
         self.visible_pages = end_page - self.first_page
 
-    def _page_bounds(self) -> Tensor:
-        """(R, pages): an upper bound on the score of every key of each page the row sees (-inf: none).
+    def _page_bounds(self, groups: Tensor) -> Tensor:
+        """(R, pages): an upper bound on the score of every key of each page the row sees (-inf: none),
+        from the page minima and maxima for the rows of ``groups`` (B, Hkv); +inf on the pages the
+        other rows see (the sketch bounds them, see ``plan``).
 
         max_d(q_d min_d, q_d max_d) summed over d is relu(q) . max - relu(-q) . min: one matrix
         product per KV head over the page summaries, for the query heads of its group together.
         """
-        cache, batch = self.cache, self.shape[0]
+        cache = self.cache
         pages = max(1, int(self.end_page.max()))
         # Pages before every row's window are never read, their summaries included.
         first = min(int(self.first_page.min()), pages - 1)
-        extremes = cache.key_extremes[:, :, first:pages].flatten(3)
-        q = self.query.view(batch, cache.kv_heads, -1, cache.head_dim)
-        # Keys-major (pages x 2D times 2D x queries): twice as fast here as the queries-major product.
-        signed = torch.cat([q.clamp_min(0), q.clamp_max(0)], -1)
-        dot = (extremes @ signed.transpose(-1, -2)).transpose(-1, -2).contiguous()
-        # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of it;
-        # max|k_d| over the pages is their largest sketch scale times CODE_LIMIT.
-        largest_key = cache.key_scale[:, :, first:pages].amax(-1) * CODE_LIMIT
-        size = q.abs().sum(-1, keepdim=True) * largest_key[:, :, None, None]
-        page = torch.arange(first, pages, device=q.device)
-        # In place: each pass over the (rows x pages) bounds costs about as much as the product itself.
-        content = dot.add_(size, alpha=BOUND_MARGIN).view(-1, pages - first).mul_(self.scale)
-        bound = _unbounded_where_nan_(self._with_page_bias(soft_capped(content, self.softcap), page))
-        if bool((self.end_page < pages).any() or (self.first_page > first).any()):
-            bound.masked_fill_(
-                (page >= self.end_page[:, None]) | (page < self.first_page[:, None]), -math.inf
-            )
-        return torch.nn.functional.pad(bound, (first, 0), value=-math.inf) if first else bound
+        bounds = torch.full((len(self.position), pages), math.inf, device=self.query.device)
+        page = torch.arange(pages, device=bounds.device)
+        if bool(groups.any()):
+            batch_rows, kv_heads = groups.nonzero().unbind(1)
+            q = self.query.view(*self._groups, -1)[batch_rows, kv_heads]
+            signed = torch.cat([q.clamp_min(0), q.clamp_max(0)], -1)
+            dot = q.new_empty(*q.shape[:2], pages - first)
+            for i, (row, kv_head) in enumerate(zip(batch_rows.tolist(), kv_heads.tolist(), strict=True)):
+                # Keys-major (pages x 2D times 2D x queries): twice as fast here as the queries-major one.
+                extremes = cache.key_extremes[row, kv_head, first:pages].flatten(1)
+                dot[i] = (extremes @ signed[i].T).T
+            # Rounding slack: |q . k| <= ||q||_1 max|k_d|, and a dot product errs by a small multiple of
+            # it; max|k_d| over the pages is their largest sketch scale times CODE_LIMIT.
+            largest_key = cache.key_scale[batch_rows, kv_heads, first:pages].amax(-1) * CODE_LIMIT
+            size = q.abs().sum(-1, keepdim=True) * largest_key[:, None, None]
+            # In place: each pass over the (rows x pages) bounds costs about as much as the product.
+            content = dot.add_(size, alpha=BOUND_MARGIN).view(-1, pages - first).mul_(self.scale)
+            index = self._rows_of(groups).nonzero()[:, 0]
+            bound = self._with_page_bias(soft_capped(content, self.softcap), page[first:], index)
+            bounds[index, first:] = _unbounded_where_nan_(bound)
+        if bool((self.end_page < pages).any() or (self.first_page > 0).any()):
+            unseen = (page >= self.end_page[:, None]) | (page < self.first_page[:, None])
+            bounds.masked_fill_(unseen, -math.inf)
+        return bounds
 
     def _with_page_bias(self, bound: Tensor, page: Tensor, rows: Tensor | None = None) -> Tensor:
         """bound (R, pages), or (len(rows), pages) for the rows ``rows``, plus the largest ALiBi bias of
@@ -440,9 +448,17 @@ class _Rows:
     def _threshold_of_best(self, width: int = FIRST_GROUP_PAGES) -> tuple[Tensor, Tensor]:
         """A lower bound on each row's tau from its ``width`` best pages by bound; the share of their keys
         in that subset's support."""
-        first = torch.clamp(self.visible_pages, max=width)
-        _, pages = self._best_pages(int(first.max()))
-        scores = self._scores(pages, first)
+        _, pages = self._best_pages(int(torch.clamp(self.visible_pages, max=width).max()))
+        return self._threshold_of(pages, width)
+
+    def _threshold_of_newest(self) -> tuple[Tensor, Tensor]:
+        """As ``_threshold_of_best`` for the FIRST_GROUP_PAGES newest pages of each row: no bounds needed."""
+        newest = self.end_page[:, None] - 1 - torch.arange(FIRST_GROUP_PAGES, device=self.end_page.device)
+        return self._threshold_of(torch.maximum(newest, self.first_page[:, None]), FIRST_GROUP_PAGES)
+
+    def _threshold_of(self, pages: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """tau's lower bound and the support share of the first min(visible, width) of ``pages`` (R, W)."""
+        scores = self._scores(pages, torch.clamp(self.visible_pages, max=width))
         # The sink is in every row: the threshold of a subset with it bounds the row's from below.
         joined = self._with_sink(scores)
         weights = _weights(joined, self.alpha)
@@ -465,28 +481,38 @@ class _Rows:
             beats = torch.where(alpha == 1, self.bounds > -math.inf, beats)
         return beats.sum(-1)
 
-    def _sketch_where_it_can_pay(self, first_support: Tensor) -> Tensor:
-        """Tighten the bounds with the int8 sketch on the KV heads the page bounds leave open.
+    def _sketchable(self, first_support: Tensor) -> Tensor:
+        """(B, Hkv): the KV heads whose rows the sketch can help, given the support share of a first subset.
+
+        Not softmax rows (no key is provably zero), and not heads with a row whose first pages are
+        nearly all in the support (a flat row: the sketch would rule out little). The first pages can
+        miss a row's best keys, so only a nearly flat subset says the row is dense.
+        """
+        sparse_rows = ((self.alpha > 1) & (first_support < FLAT_SUPPORT)).view(self._groups).all(-1)
+        return sparse_rows & (self.cache.head_dim <= MAX_HEAD_DIM)
+
+    def _content_heads(self) -> Tensor:
+        """(B, Hkv): KV heads none of whose rows has an ALiBi slope."""
+        return (self.slope == 0).view(self._groups).all(-1)
+
+    def _sketch_where_it_can_pay(self, first_support: Tensor, done: Tensor) -> Tensor:
+        """The KV heads, not yet sketched (``done``), that the page bounds leave open, sketched.
 
         The sketch costs D + 2 bytes per key; reading a candidate page exactly costs its keys and
         values, so the sketch pays once more than SKETCH_OPEN_SHARE of a head's pages are open.
-
-        Skipped where it cannot pay: softmax rows (no key is provably zero) and heads with a row
-        whose first pages are nearly all in the support (a flat row: the sketch would rule out
-        little). The first pages are chosen by the loose page bounds and can miss a row's best
-        keys, so only a nearly flat subset says the row is dense.
         """
-        groups = self._groups
-        open_share = (self.candidates / self.visible_pages.clamp_min(1)).view(groups).amax(-1)
-        sparse_rows = ((self.alpha > 1) & (first_support < FLAT_SUPPORT)).view(groups).all(-1)
-        worth = (open_share > SKETCH_OPEN_SHARE) & sparse_rows & (self.cache.head_dim <= MAX_HEAD_DIM)
-        rows = self._rows_of(worth)
-        if bool(worth.all()):
-            self.bounds = torch.minimum(self.bounds, self._sketch_bounds(worth, None), out=self.bounds)
-        elif bool(worth.any()):
-            index = rows.nonzero()[:, 0]
-            self.bounds[index] = torch.minimum(self.bounds[index], self._sketch_bounds(worth, index))
-        return rows
+        open_share = (self.candidates / self.visible_pages.clamp_min(1)).view(self._groups).amax(-1)
+        worth = (open_share > SKETCH_OPEN_SHARE) & self._sketchable(first_support) & ~done
+        self._tighten_with_sketch(worth)
+        return worth
+
+    def _tighten_with_sketch(self, groups: Tensor) -> None:
+        """The bounds of the rows of ``groups`` (B, Hkv), in place: the smaller of theirs and the sketch's."""
+        if bool(groups.all()):
+            self.bounds = torch.minimum(self.bounds, self._sketch_bounds(groups, None), out=self.bounds)
+        elif bool(groups.any()):
+            index = self._rows_of(groups).nonzero()[:, 0]
+            self.bounds[index] = torch.minimum(self.bounds[index], self._sketch_bounds(groups, index))
 
     def _sketch_bounds(self, groups: Tensor, rows: Tensor | None) -> Tensor:
         """Page bounds (len(rows), pages) from the int8 sketch for the rows ``rows`` of ``groups`` (B, Hkv)
@@ -533,9 +559,11 @@ class _Rows:
     def plan(self, max_dropped_mass: float, dense_below: int) -> tuple[Tensor, Tensor, Tensor]:
         """The pages each row reads (R, W), how many of them count (R,), and the groups decoded densely.
 
-        The first group (the pages of highest bound) gives a threshold tau, a lower bound on the
-        row's; a page whose bound B has (alpha-1) B <= tau holds only zero weights. The pages left
-        are read best first until the weight the unread ones could take is at most
+        Bounds come from the int8 sketch alone for KV heads without ALiBi whose newest pages are not
+        nearly all in the support, and from the page minima and maxima for the others (tightened by
+        the sketch where they leave many pages open). The first group (the pages of highest bound) gives a threshold tau, a lower
+        bound on the row's; a page whose bound B has (alpha-1) B <= tau holds only zero weights. The
+        pages left are read best first until the weight the unread ones could take is at most
         ``max_dropped_mass`` (0: until none could take any). A KV head of a batch row whose query
         rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly) instead:
         one pass over its keys for all of its query rows costs less than gathering them per row.
@@ -545,11 +573,23 @@ class _Rows:
         if max_dropped_mass == 0 and bool((self.alpha == 1).all()):
             # No softmax weight is zero: every page is read, and bounds would only add their cost.
             return self._dense_plan()
-        self.bounds = self._page_bounds()
-        tau, first_support = self._threshold_of_best()
+        # Without ALiBi, page minima and maxima in high dimension rule out a page only where its keys
+        # barely vary (almost none of Gaussian keys, or of keys with large components orthogonal to the
+        # queries), and they cost a third of the sketch: sparse content heads get the sketch alone.
+        # The newest pages tell which rows are sparse before any bound exists.
+        sketch_first = self._content_heads()
+        tau = torch.full_like(self.alpha, -math.inf)
+        if bool(sketch_first.any()):
+            tau, newest_support = self._threshold_of_newest()
+            sketch_first &= self._sketchable(newest_support)
+        self.bounds = self._page_bounds(~sketch_first)
+        self._tighten_with_sketch(sketch_first)
+        best_tau, first_support = self._threshold_of_best()
+        tau = torch.maximum(tau, best_tau)
         self.candidates = self._candidates(tau)
-        self.sketched = self._sketch_where_it_can_pay(first_support)
-        if bool(self.sketched.any()):
+        sketched_later = self._sketch_where_it_can_pay(first_support, sketch_first)
+        self.sketched = self._rows_of(sketch_first | sketched_later)
+        if bool(sketched_later.any()):
             tau = torch.maximum(tau, self._threshold_of_best()[0])
             self.candidates = self._candidates(tau)
         width = FIRST_GROUP_PAGES
