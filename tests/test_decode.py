@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparsa
-from sparsa.attention import KeyPadding, PagedKVCache, decode
+from sparsa.attention import KeyPadding, PagedKVCache, decode, sketch_kernels
 
 paged = importlib.import_module("sparsa.attention.paged")
 
@@ -204,23 +204,35 @@ def test_a_sharp_cache_is_decoded_exactly_from_a_few_pages():
     assert stats.bytes_read < 0.2 * 2 * keys[0].numel() * 4
 
 
-def test_the_int8_sketch_certifies_content_heads_that_page_bounds_leave_open():
+@pytest.mark.parametrize("dim", [32, 64])
+def test_the_sketches_certify_content_heads_that_page_bounds_leave_open(dim):
     torch.manual_seed(8)
-    keys, values = [torch.randn(2, 4096, 32)], [torch.randn(2, 4096, 32)]
+    keys, values = [torch.randn(2, 4096, dim)], [torch.randn(2, 4096, dim)]
     cache = _fill(keys, values, page_size=16)
-    q = torch.randn(1, 4, 1, 32)
+    q = torch.randn(1, 4, 1, dim)
     q[0, :2, 0] = 3 * keys[0][0, 100] + 3 * keys[0][0, 3000]
     stats = _check(q, keys, values, cache, alpha=1.5)
     # Heads 0 and 1 match two keys; heads 2 and 3 have N(0, 1) scores, with a support of a few dozen keys
-    # on 15% of the pages: gathering those for both heads costs more than one dense pass.
-    assert bool(stats.sketched.all()) and not bool(stats.dense[0, :2].any())
-    assert int(stats.pages_read[0, :2].max()) <= 2
+    # on 15% of the pages, which only the int8 sketch bounds: gathering those for both heads costs more
+    # than one dense pass. From 64 dimensions on the 4-bit sketch comes first, and certifies heads 0
+    # and 1 alone; below, packing would pad its codes to 64 and the int8 sketch is the only one.
+    if dim >= 64:
+        assert bool(stats.coarse_sketched.all()) and stats.coarse_sketch_kernel is not None
+        assert stats.sketched[0, :, 0].tolist() == [False, False, True, True]
+    else:
+        assert not bool(stats.coarse_sketched.any()) and bool(stats.sketched.all())
+    assert not bool(stats.dense[0, :2].any())
+    assert int(stats.pages_read[0, :2].max()) <= 3
     assert bool(stats.candidate_pages[0, 2:].max() < 0.2 * cache.pages(0)) and bool(stats.dense[0, 2:].all())
     codes = cache.key_codes[0, :, : cache.pages(0)].flatten(1, 2).float()
-    error = (
-        keys[0] - cache.key_scale[0, :, : cache.pages(0)].repeat_interleave(16, 1)[..., None] * codes
-    ).abs()
-    assert bool((error <= cache.key_scale[0, :, :, None].repeat_interleave(16, 1)[:, :4096] / 2 + 1e-7).all())
+    scale = cache.key_scale[0, :, : cache.pages(0)].repeat_interleave(16, 1)[..., None]
+    assert bool(((keys[0] - scale * codes).abs() <= scale / 2 + 1e-7).all())
+    nibbles = sketch_kernels.unpack_nibbles(cache.key_nibbles[0, :, : cache.pages(0)]).flatten(1, 2)[
+        ..., :dim
+    ]
+    nibble_scale = cache.key_nibble_scale[0, :, : cache.pages(0)].repeat_interleave(16, 1)[..., None]
+    assert int(nibbles.abs().max()) <= 7
+    assert bool(((keys[0] - nibble_scale * nibbles.float()).abs() <= nibble_scale / 2 + 1e-6).all())
 
 
 def test_dense_rows_skip_the_sketch():

@@ -194,3 +194,23 @@ def test_a_nan_token_reaches_the_layer_output_of_every_later_position(scaling):
     nan_positions = layer(x).isnan().any(-1)
     # Earlier positions may be NaN too (its value times a zero weight); the other sequence never is.
     assert bool(nan_positions[0, ROW:].all()) and not bool(nan_positions[1].any())
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+@pytest.mark.parametrize("entry", [float("inf"), -float("inf")])
+def test_a_page_of_infinite_key_entries_is_never_ruled_out_by_a_sketch(dim, entry):
+    """Content heads are bounded by a sketch alone (the 4-bit one from 64 dimensions on); a page whose
+    keys have an infinite entry has no finite scale, so no sketch may bound it: +inf or -inf scores
+    (by the query's sign there) must come out as the reference gives them."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 2, 1, dim), torch.randn(1, 2, 512, dim), torch.randn(1, 2, 512, dim)
+    k[0, :, 32:48] = 1e-6
+    k[0, :, 32:48, 3] = entry
+    k[0, :, 300] += 4 * q[0, :, 0]
+    cache = PagedKVCache(1, 2, dim, page_size=16)
+    cache.append(k, v)
+    out, stats = decode(q, cache, alpha=1.5, dense_below=0, return_stats=True)
+    assert bool((stats.sketched | stats.coarse_sketched).all())
+    reference = sparsa.attention(q, k, v, alpha=1.5, is_causal=True, backend="reference")
+    assert torch.equal(out.isnan(), reference.isnan())
+    torch.testing.assert_close(out.nan_to_num(), reference.nan_to_num(), atol=1e-5, rtol=0)

@@ -30,7 +30,19 @@ from torch import Tensor
 from ..normalize import entmax
 from .api import _check_alpha, _check_scale, _check_sinks, _check_softcap, _check_window, attention
 from .masks import KeyPadding, soft_capped
-from .sketch_kernels import CODE_LIMIT, MAX_HEAD_DIM, QUERY_LEVELS, calibration, page_max_dots
+from .sketch_kernels import (
+    CODE_LIMIT,
+    MAX_HEAD_DIM,
+    NIBBLE_BLOCK,
+    NIBBLE_LIMIT,
+    NIBBLE_QUERY_LEVELS,
+    QUERY_LEVELS,
+    calibration,
+    nibble_dim,
+    pack_nibbles,
+    page_max_dots,
+    page_max_nibble_dots,
+)
 from .stats import thresholds_of
 
 FIRST_GROUP_PAGES = 8
@@ -100,6 +112,14 @@ class PagedKVCache:
         self.key_code_norm = torch.empty(batch, kv_heads, 0, page_size, dtype=torch.int16, device=device)
         """The int8 sketch: k = key_scale * key_codes + e with |e_d| <= key_scale / 2, one scale per
         page; key_code_norm is sum_d |key_codes_d| of each key (it bounds the error of an int8 query)."""
+        nibble_width = nibble_dim(head_dim) // 2
+        self.key_nibbles = torch.empty(
+            batch, kv_heads, 0, page_size, nibble_width, dtype=torch.uint8, device=device
+        )
+        self.key_nibble_scale = torch.empty(batch, kv_heads, 0, dtype=torch.float32, device=device)
+        self.key_nibble_norm = torch.empty(batch, kv_heads, 0, dtype=torch.int16, device=device)
+        """The coarse sketch, the same with 4-bit codes in [-7, 7] (packed by
+        ``sketch_kernels.pack_nibbles``); key_nibble_norm is the largest sum_d |c_d| of each page."""
 
     @classmethod
     def like(cls, k: Tensor, v: Tensor, page_size: int = 16) -> PagedKVCache:
@@ -192,13 +212,24 @@ class PagedKVCache:
             self.key_codes[row, :, start:end] = codes.to(torch.int8)
             self.key_code_norm[row, :, start:end] = codes.abs().sum(-1).to(torch.int16)
             self.key_scale[row, :, start:end] = scale
+            nibble_scale = torch.maximum(high, -low).amax(-1) / NIBBLE_LIMIT
+            nibbles = torch.round(
+                pages.masked_fill(~filled, 0.0) / nibble_scale.clamp_min(1e-30)[..., None, None]
+            )
+            nibbles = nibbles.clamp(-NIBBLE_LIMIT, NIBBLE_LIMIT)
+            self.key_nibbles[row, :, start:end] = pack_nibbles(nibbles)
+            self.key_nibble_norm[row, :, start:end] = nibbles.abs().sum(-1).amax(-1).to(torch.int16)
+            self.key_nibble_scale[row, :, start:end] = nibble_scale
 
     def _reserve(self, tokens: int) -> None:
         needed = -(-tokens // self.page_size)
         if needed <= self.page_capacity:
             return
         size = max(needed, 2 * self.page_capacity)
-        for name in ("keys", "values", "key_extremes", "key_codes", "key_scale", "key_code_norm"):
+        for name in (
+            "keys", "values", "key_extremes", "key_codes", "key_scale", "key_code_norm",
+            "key_nibbles", "key_nibble_scale", "key_nibble_norm",
+        ):  # fmt: skip
             old = getattr(self, name)
             # Zeros, not garbage: weight-zero slots of a gathered page must not bring NaN into p @ V.
             grown = old.new_zeros(old.shape[0], old.shape[1], size, *old.shape[3:])
@@ -241,11 +272,13 @@ class DecodeStats:
     them; dropped_mass_bound: a proven upper bound on the weight of the keys
     left unread (0 when exact); bytes_read: keys and values read over the
     whole call (a page gathered for several query rows counts once per row; a KV head decoded
-    densely counts its keys once, and the int8 sketch of a KV head counts once); dense: the rows
+    densely counts its keys once, and each sketch of a KV head counts once); dense: the rows
     decoded by the dense path (their support_pages is -1), for the KV heads where gathering
     pages would cost more than reading them all; sketched: the rows whose bounds the int8 key
     sketch tightened; sketch_kernel: the kernel that gave the sketch's exact page maxima (chosen by
-    measurement, see ``sparsa.attention.sketch_kernels``), None when no row was sketched.
+    measurement, see ``sparsa.attention.sketch_kernels``), None when no row was sketched;
+    coarse_sketched and coarse_sketch_kernel: the same for the 4-bit sketch, which bounds the content
+    heads (those without ALiBi) first.
     """
 
     pages_read: Tensor
@@ -259,6 +292,8 @@ class DecodeStats:
     dense: Tensor
     sketched: Tensor
     sketch_kernel: str | None
+    coarse_sketched: Tensor
+    coarse_sketch_kernel: str | None
 
 
 def decode(
@@ -496,7 +531,7 @@ class _Rows:
         return (self.slope == 0).view(self._groups).all(-1)
 
     def _sketch_where_it_can_pay(self, first_support: Tensor, done: Tensor) -> Tensor:
-        """The KV heads, not yet sketched (``done``), that the page bounds leave open, sketched.
+        """The KV heads, not int8-sketched yet (``done``), that the bounds so far leave open, sketched.
 
         The sketch costs D + 2 bytes per key; reading a candidate page exactly costs its keys and
         values, so the sketch pays once more than SKETCH_OPEN_SHARE of a head's pages are open.
@@ -506,22 +541,25 @@ class _Rows:
         self._tighten_with_sketch(worth)
         return worth
 
-    def _tighten_with_sketch(self, groups: Tensor) -> None:
-        """The bounds of the rows of ``groups`` (B, Hkv), in place: the smaller of theirs and the sketch's."""
+    def _tighten_with_sketch(self, groups: Tensor, coarse: bool = False) -> None:
+        """The bounds of the rows of ``groups`` (B, Hkv), in place: the smaller of theirs and the sketch's
+        (the 4-bit sketch's if ``coarse``)."""
         if bool(groups.all()):
-            self.bounds = torch.minimum(self.bounds, self._sketch_bounds(groups, None), out=self.bounds)
+            sketch = self._sketch_bounds(groups, None, coarse)
+            self.bounds = torch.minimum(self.bounds, sketch, out=self.bounds)
         elif bool(groups.any()):
             index = self._rows_of(groups).nonzero()[:, 0]
-            self.bounds[index] = torch.minimum(self.bounds[index], self._sketch_bounds(groups, index))
+            self.bounds[index] = torch.minimum(self.bounds[index], self._sketch_bounds(groups, index, coarse))
 
-    def _sketch_bounds(self, groups: Tensor, rows: Tensor | None) -> Tensor:
-        """Page bounds (len(rows), pages) from the int8 sketch for the rows ``rows`` of ``groups`` (B, Hkv)
-        (None: every group, every row).
+    def _sketch_bounds(self, groups: Tensor, rows: Tensor | None, coarse: bool = False) -> Tensor:
+        """Page bounds (len(rows), pages) from the int8 sketch (the 4-bit one if ``coarse``) for the rows
+        ``rows`` of ``groups`` (B, Hkv) (None: every group, every row).
 
-        With k = s c + e (|e_d| <= s / 2, s the page's scale) and the query q = t u + f in int16
-        codes u (|f_d| <= t / 2, t = max|q| / QUERY_LEVELS): q . c <= t (u . c + ||c||_1 / 2) and
-        q . k <= s (q . c + ||q||_1 / 2). The page maxima of u . c are exact integers
-        (``sketch_kernels.page_max_dots``), one call per KV head; the rest is one fp32 pass.
+        With k = s c + e (|e_d| <= s / 2, s the page's scale) and the query q = t u + f in integer
+        codes u (|f_d| <= t / 2, t = max|q| / levels: int16 codes for the int8 sketch, int8 codes for
+        the 4-bit one): q . c <= t (u . c + ||c||_1 / 2) and q . k <= s (q . c + ||q||_1 / 2). The
+        page maxima of u . c are exact integers (``sketch_kernels``), one call per KV head; the rest
+        is one fp32 pass.
         """
         cache, pages = self.cache, self.bounds.shape[1]
         batch_rows, kv_heads = groups.nonzero().unbind(1)
@@ -529,21 +567,35 @@ class _Rows:
         first_pages = self.first_page.view(self._groups).amin(-1)[batch_rows, kv_heads].tolist()
         shape = (*queries.shape[:2], pages)
         largest = torch.full(shape, torch.iinfo(torch.int32).max, dtype=torch.int32, device=queries.device)
-        step = queries.abs().amax(-1, keepdim=True).clamp_min(1e-30) / QUERY_LEVELS
-        query_codes = torch.round(queries / step).clamp(-QUERY_LEVELS, QUERY_LEVELS).to(torch.int16)
+        levels = NIBBLE_QUERY_LEVELS if coarse else QUERY_LEVELS
+        step = queries.abs().amax(-1, keepdim=True).clamp_min(1e-30) / levels
+        query_codes = torch.round(queries / step).clamp(-levels, levels)
+        if coarse:
+            padding = (0, nibble_dim(cache.head_dim) - cache.head_dim)
+            query_codes = torch.nn.functional.pad(query_codes, padding).to(torch.int8)
+            store, product = cache.key_nibbles, page_max_nibble_dots
+        else:
+            query_codes = query_codes.to(torch.int16)
+            store, product = cache.key_codes, page_max_dots
         for i, (row, kv_head) in enumerate(zip(batch_rows.tolist(), kv_heads.tolist(), strict=True)):
             # The pages before the group's windows stay unread (their bound is -inf already).
             first = min(first_pages[i], pages - 1)
-            codes = cache.key_codes[row, kv_head, first:pages].view(-1, cache.head_dim)
-            largest[i, :, first:] = page_max_dots(codes, query_codes[i], cache.page_size)
-        # q / t is rounded to fp32 (half an ulp at QUERY_LEVELS is 2^-10) before its rounding to an
+            codes = store[row, kv_head, first:pages].view(-1, store.shape[-1])
+            largest[i, :, first:] = product(codes, query_codes[i], cache.page_size)
+        # q / t is rounded to fp32 (half an ulp at 32385 levels is 2^-10) before its rounding to an
         # integer, so |f_d| <= t (1/2 + 2^-10); the fp32 arithmetic below errs by less than 1e-4 s ||q||_1
         # (|u . c| <= 127 ||u||_1, D <= 512). The 1e-3 beyond each half covers both.
         half = 0.5 + 1e-3
-        norms = cache.key_code_norm[batch_rows, kv_heads, :pages].amax(-1).float()[:, None]
+        if coarse:
+            norms, scale = cache.key_nibble_norm, cache.key_nibble_scale
+        else:
+            norms, scale = cache.key_code_norm.amax(-1), cache.key_scale
+        norms = norms[batch_rows, kv_heads, :pages].float()[:, None]
+        scale = scale[batch_rows, kv_heads, :pages][:, None]
         bounds = largest.float().add_(norms, alpha=half).mul_(step)
-        bounds.add_(queries.abs().sum(-1, keepdim=True), alpha=half)
-        bounds.mul_(cache.key_scale[batch_rows, kv_heads, :pages][:, None])
+        bounds.add_(queries.abs().sum(-1, keepdim=True), alpha=half).mul_(scale)
+        # An infinite or NaN key gives its page no finite scale: the page bounds nothing and is read.
+        bounds.masked_fill_(~torch.isfinite(scale), math.inf)
         page = torch.arange(pages, device=bounds.device)
         content = soft_capped(bounds.view(-1, pages).mul_(self.scale), self.softcap)
         return _unbounded_where_nan_(self._with_page_bias(content, page, rows))
@@ -559,14 +611,15 @@ class _Rows:
     def plan(self, max_dropped_mass: float, dense_below: int) -> tuple[Tensor, Tensor, Tensor]:
         """The pages each row reads (R, W), how many of them count (R,), and the groups decoded densely.
 
-        Bounds come from the int8 sketch alone for KV heads without ALiBi whose newest pages are not
-        nearly all in the support, and from the page minima and maxima for the others (tightened by
-        the sketch where they leave many pages open). The first group (the pages of highest bound) gives a threshold tau, a lower
-        bound on the row's; a page whose bound B has (alpha-1) B <= tau holds only zero weights. The
-        pages left are read best first until the weight the unread ones could take is at most
-        ``max_dropped_mass`` (0: until none could take any). A KV head of a batch row whose query
-        rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly) instead:
-        one pass over its keys for all of its query rows costs less than gathering them per row.
+        Bounds come from the 4-bit sketch for KV heads without ALiBi whose newest pages are not nearly
+        all in the support, and from the page minima and maxima for the others; the int8 sketch tightens
+        them where they leave many pages open. The first group (the pages of highest bound) gives a
+        threshold tau, a lower bound on the row's; a page whose bound B has (alpha-1) B <= tau holds
+        only zero weights. The pages left are read best first until the weight the unread ones could
+        take is at most ``max_dropped_mass`` (0: until none could take any). A KV head of a batch row
+        whose query rows would gather more than DENSE_SHARE of its pages is decoded densely (exactly)
+        instead: one pass over its keys for all of its query rows costs less than gathering them per
+        row.
         """
         if int(self.visible_pages.max()) * self.cache.page_size < dense_below:
             return self._dense_plan()
@@ -575,21 +628,25 @@ class _Rows:
             return self._dense_plan()
         # Without ALiBi, page minima and maxima in high dimension rule out a page only where its keys
         # barely vary (almost none of Gaussian keys, or of keys with large components orthogonal to the
-        # queries), and they cost a third of the sketch: sparse content heads get the sketch alone.
-        # The newest pages tell which rows are sparse before any bound exists.
-        sketch_first = self._content_heads()
+        # queries), and they cost more than the 4-bit sketch: sparse content heads get that sketch
+        # instead (the int8 one below 64 dimensions, where packing pads the 4-bit codes to 64). The
+        # newest pages tell which rows are sparse before any bound exists.
+        first = self._content_heads()
         tau = torch.full_like(self.alpha, -math.inf)
-        if bool(sketch_first.any()):
+        if bool(first.any()):
             tau, newest_support = self._threshold_of_newest()
-            sketch_first &= self._sketchable(newest_support)
-        self.bounds = self._page_bounds(~sketch_first)
-        self._tighten_with_sketch(sketch_first)
+            first &= self._sketchable(newest_support)
+        coarse = self.cache.head_dim >= NIBBLE_BLOCK
+        self.bounds = self._page_bounds(~first)
+        self._tighten_with_sketch(first, coarse)
+        self.coarse_sketched = self._rows_of(first & coarse)
         best_tau, first_support = self._threshold_of_best()
         tau = torch.maximum(tau, best_tau)
         self.candidates = self._candidates(tau)
-        sketched_later = self._sketch_where_it_can_pay(first_support, sketch_first)
-        self.sketched = self._rows_of(sketch_first | sketched_later)
-        if bool(sketched_later.any()):
+        int8_first = first & (not coarse)
+        sketched = self._sketch_where_it_can_pay(first_support, int8_first)
+        self.sketched = self._rows_of(sketched | int8_first)
+        if bool(sketched.any()):
             tau = torch.maximum(tau, self._threshold_of_best()[0])
             self.candidates = self._candidates(tau)
         width = FIRST_GROUP_PAGES
@@ -625,6 +682,7 @@ class _Rows:
         self.candidates = self.visible_pages
         self.dropped = torch.zeros(len(self.position), device=self.position.device)
         self.sketched = torch.zeros_like(self.position, dtype=torch.bool)
+        self.coarse_sketched = self.sketched
         batch, kv_heads, _ = self._groups
         never = torch.zeros_like(self.position)
         return never[:, None], never, torch.ones(batch, kv_heads, dtype=torch.bool, device=never.device)
@@ -656,8 +714,11 @@ class _Rows:
         bytes_read = int(keys_read.sum()) * bytes_per_key
         pages_read = needed.clone()
         dense_rows = self._rows_of(dense)
-        sketch_pages = cache.pages()[:, None].expand_as(dense)[self.sketched.view(self._groups).any(-1)]
+        page_count = cache.pages()[:, None].expand_as(dense)
+        sketch_pages = page_count[self.sketched.view(self._groups).any(-1)]
         bytes_read += int(sketch_pages.sum()) * cache.page_size * (cache.head_dim + 2)
+        coarse_pages = page_count[self.coarse_sketched.view(self._groups).any(-1)]
+        bytes_read += int(coarse_pages.sum()) * cache.page_size * cache.key_nibbles.shape[-1]
         if bool(dense.any()):
             options = dict(window=self.window, softcap=self.softcap, sinks=self.sinks)
             dense_support = _dense_decode(
@@ -684,6 +745,12 @@ class _Rows:
             sketched=self._view(self.sketched),
             sketch_kernel=calibration(cache.device, cache.head_dim, cache.page_size).kernel
             if bool(self.sketched.any())
+            else None,
+            coarse_sketched=self._view(self.coarse_sketched),
+            coarse_sketch_kernel=calibration(
+                cache.device, nibble_dim(cache.head_dim), cache.page_size, coarse=True
+            ).kernel
+            if bool(self.coarse_sketched.any())
             else None,
         )
         return out, stats

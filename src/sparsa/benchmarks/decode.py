@@ -16,8 +16,8 @@ with slopes 1, 1/2, ..., 1/16, whose weight stays local; the other half NoPE
 content heads whose query matches two earlier keys); "structured" has no
 position bias and gives each query head a few keys of high score, while every
 key carries a large component orthogonal to its group's queries, as trained
-keys do: the per-page min/max bounds then rule out nothing and only the int8
-sketch can; "gaussian" is q, k, v ~ N(0, 1) without position bias, where most
+keys do: the per-page min/max bounds then rule out nothing and only the key
+sketches can; "gaussian" is q, k, v ~ N(0, 1) without position bias, where most
 keys are in the support. The
 ``model`` rows decode the shipped ASEntmax demo model's own queries and keys
 (D = 16, 2051 tokens: too short to time, they say what the page bounds
@@ -35,7 +35,7 @@ import torch
 import sparsa
 from sparsa.attention import PagedKVCache, decode, sketch_kernels
 
-from .timing import machine, machine_line, markdown, measure, ratio
+from .timing import machine, machine_line, markdown, measure_interleaved, ratio
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE, ALPHA = 32, 8, 128, 16, 1.5
 FULL_LENGTHS = (16384, 65536, 262144, 1048576)
@@ -132,12 +132,15 @@ def measure_case(kind: str, batch: int, length: int, dtype_name: str, repeats: i
     def paged():
         return decode(q, cache, alpha=ALPHA, alibi_slopes=slopes)
 
-    times = {
-        "sdpa": measure(lambda: _sdpa(q, keys, values), repeats)[1],
-        "dense": measure(dense, repeats)[1],
-        "paged": measure(paged, repeats)[1],
-        "floor": measure(lambda: _floor(keys, values), repeats)[1],
-    }
+    times = measure_interleaved(
+        {
+            "sdpa": lambda: _sdpa(q, keys, values),
+            "dense": dense,
+            "paged": paged,
+            "floor": lambda: _floor(keys, values),
+        },
+        repeats,
+    )
     out, stats = decode(q, cache, alpha=ALPHA, alibi_slopes=slopes, return_stats=True)
     error = float((out.float() - dense().float()).abs().max())
     local = slopes > 0
@@ -158,6 +161,7 @@ def measure_case(kind: str, batch: int, length: int, dtype_name: str, repeats: i
         "bytes_read": stats.bytes_read / total_bytes,
         "dense_rows": float(stats.dense.float().mean()),
         "sketch_kernel": stats.sketch_kernel,
+        "coarse_sketch_kernel": stats.coarse_sketch_kernel,
         "max_abs_error": error,
     }
     return row
@@ -272,18 +276,24 @@ def _percent(value: float | None) -> str:
 def markdown_table(result: dict) -> str:
     headers = ["cache", "B", "N", "dtype", "SDPA ms", "dense ms", "paged ms", "floor ms", "paged / dense",
                "paged / floor", "pages read", "ALiBi heads", "NoPE heads", "support pages", "bytes read",
-               "sketch kernel", "max error"]  # fmt: skip
+               "4-bit / int8 sketch kernel", "max error"]  # fmt: skip
     rows = [
         [row["cache"], str(row["batch"]), str(row["length"]), row["dtype"], f"{row['sdpa_ms']:.1f}",
          f"{row['dense_ms']:.1f}", f"{row['paged_ms']:.1f}", f"{row['floor_ms']:.1f}",
          ratio(row["paged_vs_dense"]), ratio(row["paged_vs_floor"]), _percent(row["pages_read"]),
          _percent(row["pages_read_alibi_heads"]), _percent(row["pages_read_nope_heads"]),
-         _percent(row["support_pages"]), _percent(row["bytes_read"]), row.get("sketch_kernel") or "",
+         _percent(row["support_pages"]), _percent(row["bytes_read"]), _kernels(row),
          f"{row['max_abs_error']:.1e}"]
         for row in result["rows"]
     ]  # fmt: skip
-    right = set(headers[1:3]) | set(headers[4:]) - {"sketch kernel"}
+    right = set(headers[1:3]) | set(headers[4:]) - {"4-bit / int8 sketch kernel"}
     return markdown(headers, right, rows)
+
+
+def _kernels(row: dict) -> str:
+    """The 4-bit and int8 sketch kernels a case used ("-": that sketch did not run; "": neither did)."""
+    names = [row.get("coarse_sketch_kernel"), row.get("sketch_kernel")]
+    return "" if names == [None, None] else " / ".join(name or "-" for name in names)
 
 
 def model_table(result: dict) -> str:
@@ -313,10 +323,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _calibration_line() -> str:
-    found = sketch_kernels.calibration("cpu", HEAD_DIM, PAGE_SIZE)
-    times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in found.milliseconds.items())
-    rejected = f"; rejected as inexact: {', '.join(found.rejected)}" if found.rejected else ""
-    return f"{found.kernel} ({times}{rejected})"
+    lines = []
+    for coarse, name in ((True, "4-bit"), (False, "int8")):
+        dim = sketch_kernels.nibble_dim(HEAD_DIM) if coarse else HEAD_DIM
+        found = sketch_kernels.calibration("cpu", dim, PAGE_SIZE, coarse=coarse)
+        times = ", ".join(f"{kernel} {ms:.2f} ms" for kernel, ms in found.milliseconds.items())
+        rejected = f"; rejected as inexact: {', '.join(found.rejected)}" if found.rejected else ""
+        lines.append(f"{name} {found.kernel} ({times}{rejected})")
+    return ", ".join(lines)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -339,7 +353,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     path.write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
-    print(f"\nMachine: {machine_line(result)}; sketch kernel chosen by calibration: {_calibration_line()}.\n")
+    print(
+        f"\nMachine: {machine_line(result)}; sketch kernels chosen by calibration: {_calibration_line()}.\n"
+    )
     print(model_table(result))
     print(f"wrote {path}")
     return 0

@@ -29,6 +29,20 @@ def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each of ``fns`` over ``repeats`` rounds that call every one in turn, after one
+    warm-up call each: a machine whose speed drifts slows all of them alike, so their ratios hold."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def ratio(value: float | None) -> str:
     """A ratio to a baseline as printed in tables ("" when there is none)."""
     return "" if value is None else f"{value:.2f}x"
