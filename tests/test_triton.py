@@ -323,3 +323,41 @@ def test_a_large_sink_takes_the_whole_row():
     q, k, v = _inputs(1, 4, 2, 17, 17, 16, torch.float32)
     out = sparsa.attention(q, k, v, alpha=1.5, sinks=torch.full((4,), 50.0, device=DEVICE), backend="triton")
     assert bool((out == 0).all())
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_alibi_tiles_are_ruled_out_before_they_are_scored(alpha, padding):
+    """Causal ALiBi heads: a key tile whose bound (|q| |k| plus its nearest key's bias) is at least
+    1 / (alpha - 1) below a row's running maximum holds no weight and is never loaded. Head 0 is steep,
+    head 1 has no slope (nothing ruled out), head 2's slope is negative (its largest bias is at the
+    farthest key); a far key that head 0's query matches strongly must still be found."""
+    torch.manual_seed(3)
+    n, dim = 256, 16
+    q, k, v = _inputs(1, 3, 3, n, n, dim, torch.float32)
+    with torch.no_grad():
+        k[0, 0, 5] = 250 * q[0, 0, 200] / q[0, 0, 200].norm()
+    slopes = torch.tensor([1.0, 0.0, -0.05], device=DEVICE)
+    mask = None if padding is None else KeyPadding(torch.tensor([230], device=DEVICE), side=padding)
+    options = {"alpha": alpha, "is_causal": True, "alibi_slopes": slopes, "attn_mask": mask}
+    _compare(q, k, v, torch.float32, **options)
+    _, stats = sparsa.attention(q, k, v, backend="triton", return_stats=True, **options)
+    _, ref = sparsa.attention(q, k, v, backend="reference", return_stats=True, **options)
+    assert torch.equal(stats.support, ref.support)
+    weights = sparsa.attention(
+        q, k, torch.eye(n, device=DEVICE).expand(1, 3, n, n), backend="reference", **options
+    )
+    if padding != "left":
+        assert float(weights[0, 0, 200, 5]) > 0  # the far key the bound had to leave open
+    assert float(stats.unscored_key_blocks[0]) > 0.4
+    assert float(stats.unscored_key_blocks[1]) == 0.0
+
+
+def test_tiles_with_a_non_finite_key_are_scored():
+    q, k, v = _inputs(1, 1, 1, 128, 128, 16, torch.float32)
+    with torch.no_grad():
+        k[0, 0, 3, 2] = float("nan")
+    slopes = torch.tensor([1.0], device=DEVICE)
+    out = sparsa.attention(q, k, v, alpha=1.5, is_causal=True, alibi_slopes=slopes, backend="triton")
+    ref = sparsa.attention(q, k, v, alpha=1.5, is_causal=True, alibi_slopes=slopes, backend="reference")
+    assert torch.equal(out.isnan(), ref.isnan()) and bool(out[0, 0, 3:].isnan().all())

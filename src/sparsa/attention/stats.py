@@ -17,9 +17,10 @@ class AttentionStats:
     (weights @ V and the whole backward) skip, being masked by causality or proven zero;
     threshold_passes (B, H, query tiles): for the Triton backend, the passes over the keys that
     each tile of queries made to find tau (None for the other backends);
-    unscored_key_blocks (H,): for the blocked backend, the share of each head's (query block,
-    key block) pairs whose scores were never computed, the bounds having proven every weight in
-    them zero (zeros for the reference backend, None for Triton)."""
+    unscored_key_blocks (H,): the share of each head's (query block, key block) pairs (Triton: query
+    and key tiles) whose scores were never computed, the bounds having proven every weight in them
+    zero (zeros for the reference backend; the Triton kernels bound tiles only under a causal mask
+    with ALiBi slopes)."""
 
     tau: Tensor
     support: Tensor

@@ -98,6 +98,9 @@ class _Launch:
             "HAS_ALIBI": self.has_alibi,
             "HAS_SOFTCAP": bias.softcap is not None,
             "HAS_SINKS": sinks is not None,
+            # Bounds before scores: a far key tile's ALiBi bias rules it out (causal only, where the
+            # tiles a query sees end at it).
+            "PRESCORE": self.is_causal and self.has_alibi,
             "PAD": self.pad,
             # fp32 inputs get exact fp32 products, not TF32 (1e-3 error) on GPUs.
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
@@ -134,16 +137,29 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
     tile_max = torch.full(tile_shape, float("-inf"), device=q.device, dtype=torch.float32)
     live = torch.zeros(tile_shape, device=q.device, dtype=torch.int8)
     passes = torch.empty(launch.batch * launch.heads, launch.tiles[0], device=q.device, dtype=torch.int32)
+    unscored = torch.zeros(
+        launch.batch * launch.heads, launch.tiles[0], 2, device=q.device, dtype=torch.int32
+    )
+    prescore = launch.constants["PRESCORE"]
+    key_norms = _key_tile_norms(k, launch.constants["BLOCK_N"]) if prescore else tile_max
     grid = (launch.tiles[0], launch.batch * launch.heads)
     kernels._forward_kernel[grid](
-        q, k, v, out, u, w, stats, tile_max, live, passes, launch.alpha, launch.slopes, launch.lengths,
+        q, k, v, out, u, w, stats, tile_max, live, passes, unscored, key_norms, launch.alpha, launch.slopes,
+        launch.lengths,
         launch.sinks, *launch.strides(q, k, v, out),
         launch.heads, launch.n_q, launch.n_k, launch.group, launch.scale, launch.slope_stride, launch.window,
         launch.softcap, *launch.tiles, kernels.NEWTON_TOLERANCE, kernels.MAX_PASSES,
         ALPHA_GRAD=alpha_grad, LEVELS=kernels.LEVELS, BOUND_ITERATIONS=kernels.BOUND_ITERATIONS,
         **launch.constants,
     )  # fmt: skip
-    return out, u, (w if alpha_grad else None), stats, live, passes
+    return out, u, (w if alpha_grad else None), stats, live, passes, unscored
+
+
+def _key_tile_norms(k: Tensor, block_n: int) -> Tensor:
+    """(B * Hkv, key tiles): the largest key norm of each tile of ``block_n`` keys (a NaN key gives NaN)."""
+    norms = torch.linalg.vector_norm(k.float(), dim=-1)
+    norms = torch.nn.functional.pad(norms, (0, -norms.shape[-1] % block_n))
+    return norms.view(k.shape[0] * k.shape[1], -1, block_n).amax(-1).contiguous()
 
 
 def backward(launch: _Launch, q, k, v, d_out, stats, live, u):
@@ -181,13 +197,13 @@ class TritonAttention(torch.autograd.Function):
         q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         alpha_grad = alpha.requires_grad
         launch = _Launch(q, k, v, alpha.detach().float().contiguous(), bias, scale, sizes, sinks)
-        out, u, w, stats, live, passes = forward(launch, q, k, v, alpha_grad)
+        out, u, w, stats, live, passes, unscored = forward(launch, q, k, v, alpha_grad)
         ctx.launch = launch
         ctx.save_for_backward(q, k, v, out, u, w if w is not None else u, stats, live)
         ctx.alpha_grad = alpha_grad
         ctx.sink_grad = sinks is not None and sinks.requires_grad
-        ctx.mark_non_differentiable(stats, live, passes)
-        return out, stats, live, passes
+        ctx.mark_non_differentiable(stats, live, passes, unscored)
+        return out, stats, live, passes, unscored
 
     @staticmethod
     def backward(ctx, d_out, *_):
@@ -225,7 +241,9 @@ def triton_attention(
     """alpha-entmax attention in fused Triton kernels; alpha in (1, 2], float or (H,); sinks (H,) or None."""
     heads = q.shape[1]
     alpha_tensor = alpha if isinstance(alpha, Tensor) else torch.full((heads,), alpha, device=q.device)
-    out, row_stats, live, passes = TritonAttention.apply(q, k, v, alpha_tensor, sinks, bias, scale, sizes)
+    out, row_stats, live, passes, unscored = TritonAttention.apply(
+        q, k, v, alpha_tensor, sinks, bias, scale, sizes
+    )
     if not stats:
         return out, None
     am1 = (alpha_tensor.detach().float() - 1).view(1, heads, 1)
@@ -235,7 +253,14 @@ def triton_attention(
         support=row_stats[..., 3].long(),
         skipped_fraction=_skipped_fraction(live, q.shape[2], k.shape[2], sizes),
         threshold_passes=passes.view(q.shape[0], heads, -1),
+        unscored_key_blocks=_unscored_share(unscored.view(q.shape[0], heads, -1, 2)),
     )
+
+
+def _unscored_share(counts: Tensor) -> Tensor:
+    """(H,): per head the share of (query tile, key tile) pairs in range that were never scored."""
+    unscored, in_range = counts.sum(2).float().unbind(-1)
+    return (unscored / in_range.clamp_min(1)).mean(0)
 
 
 def _skipped_fraction(live: Tensor, n_q: int, n_k: int, sizes: TileSizes) -> float:

@@ -26,8 +26,13 @@ Gaussian rows then take 4-5 Newton passes instead of 6-12 (alpha 1.25 to 2).
 Offsets from the batch and head indices are 64-bit: a tensor of 2^31 elements
 (B=16, H=16, N=64k, D=128) would overflow 32-bit products of index and stride.
 
-Block sparsity: the first pass stores each (query tile, key tile)'s largest
-score. A tile whose largest score is at most min over the tile's rows of
+Block sparsity: under a causal mask with ALiBi the first pass goes nearest
+tile first and does not score a key tile whose bound, |q| max|k| (the tile's
+largest key norm) plus the largest bias a row sees in it, is at least
+1 / (alpha - 1) below every row's running maximum: its z are all at most
+-1 <= tau, so its weights are zero at any tau, its maximum stays -inf and no
+later pass or the backward reads it. It stores each other (query tile, key
+tile)'s largest score. A tile whose largest score is at most min over the tile's rows of
 m + tau / (alpha - 1) holds only zero weights at that tau, so the Newton
 passes (at the current tau) and the output pass skip it without loading its
 keys or values. The output pass marks the tiles it kept in one byte each,
@@ -252,7 +257,7 @@ def _newton_update(tau, lower, upper, finished, total, slope_sum, curvature, bou
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Out, U, W, Stats, TileMax, Live, Passes, Alpha, Slopes, Lengths, Sinks,
+    Q, K, V, Out, U, W, Stats, TileMax, Live, Passes, Unscored, KeyNorms, Alpha, Slopes, Lengths, Sinks,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     n_heads, n_q, n_k, group, scale, slope_stride, window, softcap, n_tiles_m, n_tiles_n, tolerance,
     max_passes,
@@ -260,12 +265,15 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, PAD: tl.constexpr, ALPHA_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     LEVELS: tl.constexpr, BOUND_ITERATIONS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    PRESCORE: tl.constexpr,
 ):  # fmt: skip
     """TileMax (B * H, n_tiles_m, n_tiles_n) arrives filled with -inf (tiles no query sees stay so)
     and Live, int8 of the same shape, with zeros: the output pass sets the tiles with a nonzero
     weight to 1 for the backward. Passes (B * H, n_tiles_m) receives each query tile's Newton passes.
     Sinks (H,): with HAS_SINKS, a logit per head that joins every row's threshold and weights as one
-    more score without a value."""
+    more score without a value. With PRESCORE (causal ALiBi), KeyNorms (B * Hkv, n_tiles_n) holds each
+    key tile's largest key norm, and Unscored (B * H, n_tiles_m, 2) receives the key tiles the first
+    pass ruled out before scoring them and the key tiles in the query tile's range."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
@@ -289,20 +297,52 @@ def _forward_kernel(
     second = tl.full([BLOCK_M], float("-inf"), tl.float32)
     # Rows with a NaN or +inf score have no threshold; they output NaN, as torch's softmax does.
     non_finite = tl.zeros([BLOCK_M], tl.int32)
-    for first in range(start, end, BLOCK_N):
-        offs_n = first + offs_nb
-        k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
-        s = _scores(
-            q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap, IS_CAUSAL, HAS_ALIBI, HAS_SOFTCAP,
-            PRECISION,
-        )  # fmt: skip
-        s = tl.where(rows[:, None], s, float("-inf"))
-        non_finite += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32), 1)
-        row_max, at = tl.max(s, 1, return_indices=True)
-        row_second = tl.max(tl.where(offs_nb[None, :] == at[:, None], float("-inf"), s), 1)
-        tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
-        second = tl.maximum(tl.minimum(m, row_max), tl.maximum(second, row_second))
-        m = tl.maximum(m, row_max)
+    tiles = (end - start + BLOCK_N - 1) // BLOCK_N
+    unscored = tl.full([], 0, tl.int32)
+    if PRESCORE:
+        # |q . k| <= |q| |k|; the margin covers the rounding of the scores (tf32: 1e-3 of it).
+        q_norm = tl.sqrt(tl.sum(q.to(tl.float32) * q.to(tl.float32), 1)) * scale * 1.01
+        key_norms = KeyNorms + (b * (n_heads // group) + hk) * n_tiles_n
+    # Nearest tiles first: with ALiBi their maxima rule the far tiles out before they are scored.
+    for i in range(0, tiles):
+        first = start + (tiles - 1 - i) * BLOCK_N
+        ruled_out = False
+        if PRESCORE:
+            # A key whose z = (alpha - 1)(s - m) is at most -1 <= tau has zero weight; the running m
+            # is at most the row's, and a tile that some row's bound cannot rule out is scored.
+            nearest = tl.minimum(tl.minimum(first + BLOCK_N, hi) - 1, q_pos)
+            farthest = tl.maximum(tl.maximum(first, lo), q_pos - window + 1)
+            sees = rows & (farthest <= nearest)
+            content = q_norm * tl.load(key_norms + first // BLOCK_N)
+            if HAS_SOFTCAP:
+                t = tl.exp(-2.0 * content / softcap)
+                content = softcap * (1.0 - t) / (1.0 + t)
+            # The largest bias of the keys a row sees here: at the nearest (slope >= 0) or the farthest.
+            best_key = tl.where(slope >= 0, nearest, farthest)
+            bound = content + slope * (best_key - q_pos).to(tl.float32)
+            open_rows = tl.sum((sees & ~(bound <= m - inv)).to(tl.int32))
+            ruled_out = open_rows == 0
+        if ruled_out:
+            # Every weight of the tile is zero at any tau the later passes try: they skip it (-inf).
+            unscored += 1
+        else:
+            offs_n = first + offs_nb
+            k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_k, HEAD_DIM)
+            s = _scores(
+                q, k, offs_n, q_pos, lo, hi, window, slope, scale, softcap, IS_CAUSAL, HAS_ALIBI,
+                HAS_SOFTCAP, PRECISION,
+            )  # fmt: skip
+            s = tl.where(rows[:, None], s, float("-inf"))
+            non_finite += tl.sum(((s != s) | (s == float("inf"))).to(tl.int32), 1)
+            row_max, at = tl.max(s, 1, return_indices=True)
+            row_second = tl.max(tl.where(offs_nb[None, :] == at[:, None], float("-inf"), s), 1)
+            tl.store(tile_max + first // BLOCK_N, tl.max(row_max, 0))
+            second = tl.maximum(tl.minimum(m, row_max), tl.maximum(second, row_second))
+            m = tl.maximum(m, row_max)
+    if PRESCORE:
+        counts = Unscored + (pid_bh * n_tiles_m + pid_m) * 2
+        tl.store(counts, unscored)
+        tl.store(counts + 1, tiles)
     sink = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if HAS_SINKS:
         sink = tl.where(rows, tl.load(Sinks + h).to(tl.float32), float("-inf"))
