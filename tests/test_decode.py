@@ -98,6 +98,8 @@ def path(request, monkeypatch):
 
 def _check(q, keys, values, cache, atol=1e-5, **options):
     out, stats = decode(q, cache, return_stats=True, **options)
+    # Without stats, a wholly dense plan skips the bookkeeping: the same output either way.
+    assert torch.equal(decode(q, cache, **options), out)
     expected, dense_stats = _dense(q, keys, values, **options)
     torch.testing.assert_close(out, expected, atol=atol, rtol=1e-4)
     assert torch.equal(stats.support, dense_stats.support)
@@ -233,6 +235,23 @@ def test_the_sketches_certify_content_heads_that_page_bounds_leave_open(dim):
     nibble_scale = cache.key_nibble_scale[0, :, : cache.pages(0)].repeat_interleave(16, 1)[..., None]
     assert int(nibbles.abs().max()) <= 7
     assert bool(((keys[0] - nibble_scale * nibbles.float()).abs() <= nibble_scale / 2 + 1e-6).all())
+
+
+def test_bytes_read_count_the_keys_values_summaries_and_sketches_read():
+    """KV head 0 has ALiBi (page minima and maxima bound it), KV head 1 is a sharp content head (the
+    4-bit sketch bounds it): each counts its summaries once, beside the keys and values gathered."""
+    torch.manual_seed(2)
+    dim, n = 64, 2048
+    keys, values = [torch.randn(2, n, dim)], [torch.randn(2, n, dim)]
+    cache = _fill(keys, values, page_size=16)
+    q = torch.randn(1, 2, 1, dim)
+    q[0, 1, 0] = 4 * keys[0][1, 700]
+    slopes = torch.tensor([1.0, 0.0])
+    stats = _check(q, keys, values, cache, alpha=1.5, alibi_slopes=slopes)
+    assert stats.coarse_sketched[0, :, 0].tolist() == [False, True] and not bool(stats.sketched.any())
+    pages = cache.pages(0)
+    expected = int(stats.keys_read.sum()) * 2 * dim * 4 + pages * 2 * dim * 4 + pages * 16 * dim // 2
+    assert stats.bytes_read == expected
 
 
 def test_dense_rows_skip_the_sketch():

@@ -1,9 +1,12 @@
 """A paged KV cache and certified sparse decoding: read only the pages that can hold weight.
 
 The cache keeps each (batch row, KV head)'s keys in pages of ``page_size``
-tokens, with the elementwise minimum and maximum of every page's keys. For a
-query q, sum_d max(q_d min_d, q_d max_d) bounds q.k over a page from above
-(plus the page's best ALiBi bias), without reading its keys.
+tokens, with the elementwise minimum and maximum of every page's keys and two
+sketches of them: int8 and 4-bit codes with one scale per page. For a query q,
+sum_d max(q_d min_d, q_d max_d) bounds q.k over a page from above (plus the
+page's best ALiBi bias) without reading its keys; so does each sketch, from
+exact integer products of its codes with the query's (docs/mathematics.md,
+section 6), reading an eighth or a sixteenth of the fp32 key bytes.
 
 Decoding is exact by a certificate (docs/mathematics.md, section 1): the
 threshold tau of any subset of a row's keys is a lower bound on the row's
@@ -78,8 +81,8 @@ class PagedKVCache:
     page 0 on without padding. ``append`` adds a chunk of tokens, one or many,
     to every row (with a :class:`KeyPadding` saying which tokens of the chunk
     are real for each row) and updates the per-page summaries that bound the
-    scores: key minima and maxima, and the int8 key sketch. Storage grows by
-    doubling.
+    scores: key minima and maxima, and the int8 and 4-bit key sketches. Storage
+    grows by doubling.
     """
 
     def __init__(
@@ -271,8 +274,9 @@ class DecodeStats:
     support / support_pages: keys with nonzero weight and the pages holding
     them; dropped_mass_bound: a proven upper bound on the weight of the keys
     left unread (0 when exact); bytes_read: keys and values read over the
-    whole call (a page gathered for several query rows counts once per row; a KV head decoded
-    densely counts its keys once, and each sketch of a KV head counts once); dense: the rows
+    whole call, with the summaries the bounds read (a page gathered for several query rows counts
+    once per row; a KV head decoded densely counts its keys once, and its page minima and maxima
+    and each sketch of it count once); dense: the rows
     decoded by the dense path (their support_pages is -1), for the KV heads where gathering
     pages would cost more than reading them all; sketched: the rows whose bounds the int8 key
     sketch tightened; sketch_kernel: the kernel that gave the sketch's exact page maxima (chosen by
@@ -637,7 +641,8 @@ class _Rows:
             tau, newest_support = self._threshold_of_newest()
             first &= self._sketchable(newest_support)
         coarse = self.cache.head_dim >= NIBBLE_BLOCK
-        self.bounds = self._page_bounds(~first)
+        self.page_bounded = ~first
+        self.bounds = self._page_bounds(self.page_bounded)
         self._tighten_with_sketch(first, coarse)
         self.coarse_sketched = self._rows_of(first & coarse)
         best_tau, first_support = self._threshold_of_best()
@@ -684,6 +689,7 @@ class _Rows:
         self.sketched = torch.zeros_like(self.position, dtype=torch.bool)
         self.coarse_sketched = self.sketched
         batch, kv_heads, _ = self._groups
+        self.page_bounded = torch.zeros(batch, kv_heads, dtype=torch.bool, device=self.position.device)
         never = torch.zeros_like(self.position)
         return never[:, None], never, torch.ones(batch, kv_heads, dtype=torch.bool, device=never.device)
 
@@ -699,10 +705,18 @@ class _Rows:
 
     def decode(
         self, max_dropped_mass: float, dense_below: int, alpha, alibi_slopes, counted: bool
-    ) -> tuple[Tensor, DecodeStats]:
-        """The output, and the stats (``counted`` False: without the support of densely decoded rows)."""
+    ) -> tuple[Tensor, DecodeStats | None]:
+        """The output, and the stats (``counted`` False: none where every KV head decodes densely, and
+        elsewhere without the support of densely decoded rows)."""
         cache = self.cache
         pages, needed, dense = self.plan(max_dropped_mass, dense_below)
+        options = dict(window=self.window, softcap=self.softcap, sinks=self.sinks)
+        if not counted and bool(dense.all()):
+            # Short caches and softmax: the dense pass alone (rows that see no key stay zero). The
+            # bookkeeping below costs 1-2 ms, a tenth of a dense decode over 16k keys.
+            out = self.q.new_zeros(*self.shape, cache.value_dim)
+            _dense_decode(self.q, cache, alpha, self.scale, alibi_slopes, options, dense, out, counted)
+            return out, None
         scores = self._scores(pages, needed)
         p = _weights(self._with_sink(scores), self.alpha)[:, : scores.shape[1]]
         values = self._pages_of(cache.values, pages).flatten(1, 2).float()
@@ -719,8 +733,9 @@ class _Rows:
         bytes_read += int(sketch_pages.sum()) * cache.page_size * (cache.head_dim + 2)
         coarse_pages = page_count[self.coarse_sketched.view(self._groups).any(-1)]
         bytes_read += int(coarse_pages.sum()) * cache.page_size * cache.key_nibbles.shape[-1]
+        bounded_pages = page_count[self.page_bounded]
+        bytes_read += int(bounded_pages.sum()) * 2 * cache.head_dim * cache.key_extremes.element_size()
         if bool(dense.any()):
-            options = dict(window=self.window, softcap=self.softcap, sinks=self.sinks)
             dense_support = _dense_decode(
                 self.q, cache, alpha, self.scale, alibi_slopes, options, dense, out, counted
             )
