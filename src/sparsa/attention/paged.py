@@ -51,9 +51,10 @@ from .stats import thresholds_of
 FIRST_GROUP_PAGES = 8
 """Pages read before the first threshold: enough to hold the support of a sharp row."""
 
-DENSE_BELOW = 32768
-"""decode's default: below this many keys in every row, planning costs more than dense attention
-(measured on a 2-core CPU: `sparsa bench decode`)."""
+DENSE_BELOW = 65536
+"""decode's default: below this many keys in every row, planning can cost more than dense attention.
+Measured on a 2-core AVX2 CPU (`sparsa bench decode`): a Gaussian cache with 4 rows took 2.5x the
+dense decode at 32k keys and 1.45x at 48k, 0.97x-1.07x at 64k; sharp caches gain from 32k on."""
 
 DENSE_SHARE = 0.2
 """A KV head whose rows would gather more than this share of its pages (summed over rows) reads densely."""
