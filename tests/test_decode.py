@@ -254,6 +254,27 @@ def test_bytes_read_count_the_keys_values_summaries_and_sketches_read():
     assert stats.bytes_read == expected
 
 
+def test_a_flat_content_head_is_read_whole_beside_a_sharp_one():
+    """KV head 0's keys are all equal (every key in the support), KV head 1 has one strong key: head 0
+    decodes densely without bounds, head 1 from a few pages."""
+    torch.manual_seed(4)
+    dim, n = 64, 4096
+    keys = [torch.cat([torch.ones(1, n, dim), torch.randn(1, n, dim)])]
+    values = [torch.randn(2, n, dim)]
+    keys[0][1, 1234] = 3 * torch.randn(dim)
+    cache = _fill(keys, values, page_size=16)
+    q = torch.randn(1, 2, 1, dim)
+    q[0, 1, 0] = keys[0][1, 1234]
+    stats = _check(q, keys, values, cache, alpha=1.5)
+    assert stats.dense[0, :, 0].tolist() == [True, False]
+    assert not bool(stats.coarse_sketched[0, 0]) and bool(stats.coarse_sketched[0, 1])
+    assert int(stats.pages_read[0, 1, 0]) <= 3
+    # Head 0 read no page summaries: its keys and values once, head 1 its pages and 4-bit codes.
+    per_key = 2 * dim * 4
+    expected = (n + int(stats.keys_read[0, 1, 0])) * per_key + cache.pages(0) * 16 * dim // 2
+    assert stats.bytes_read == expected
+
+
 def test_dense_rows_skip_the_sketch():
     keys = [torch.ones(1, 512, 8)]
     cache = _fill(keys, [torch.randn(1, 512, 8)], page_size=16)

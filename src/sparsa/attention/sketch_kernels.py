@@ -262,6 +262,24 @@ NIBBLE_KERNELS = {
 
 
 @dataclass(frozen=True)
+class Product:
+    """One of the two exact products: its kernels, the variable that forces one, and its code ranges."""
+
+    kernels: dict[str, Kernel]
+    variable: str
+    key_limit: int
+    query_limit: int
+    query_dtype: torch.dtype
+
+
+PRODUCTS = {
+    False: Product(KERNELS, ENVIRONMENT_VARIABLE, CODE_LIMIT, QUERY_LEVELS, torch.int16),
+    True: Product(NIBBLE_KERNELS, NIBBLE_ENVIRONMENT_VARIABLE, NIBBLE_LIMIT, NIBBLE_QUERY_LEVELS, torch.int8),
+}
+"""The int8 sketch's product (False) and the 4-bit one's (True), by ``coarse``."""
+
+
+@dataclass(frozen=True)
 class Calibration:
     """What the calibration found for one (device type, D, page size): the kernel used and each one's time."""
 
@@ -289,21 +307,17 @@ def calibration(
 
 
 def _forced_kernel(coarse: bool) -> str | None:
-    variable, kernels = (
-        (NIBBLE_ENVIRONMENT_VARIABLE, NIBBLE_KERNELS) if coarse else (ENVIRONMENT_VARIABLE, KERNELS)
-    )
-    name = os.environ.get(variable) or None
-    if name is not None and name not in kernels:
-        raise ValueError(f"{variable} must be one of {sorted(kernels)}, got {name!r}")
+    product = PRODUCTS[coarse]
+    name = os.environ.get(product.variable) or None
+    if name is not None and name not in product.kernels:
+        raise ValueError(f"{product.variable} must be one of {sorted(product.kernels)}, got {name!r}")
     return name
 
 
 def _calibrate(
     device: torch.device, dim: int, page_size: int, forced: str | None, coarse: bool
 ) -> Calibration:
-    kernels, variable = (
-        (NIBBLE_KERNELS, NIBBLE_ENVIRONMENT_VARIABLE) if coarse else (KERNELS, ENVIRONMENT_VARIABLE)
-    )
+    kernels = PRODUCTS[coarse].kernels
     cases = [
         _reference_case(codes, query_codes, page_size, coarse)
         for codes, query_codes in _extreme_cases(dim, coarse)
@@ -315,7 +329,7 @@ def _calibrate(
         if not kernel.available(device, dim, page_size):
             if forced:
                 where = f"on {device.type} for D={dim} and pages of {page_size}"
-                raise ValueError(f"{variable}={name} is not available {where}")
+                raise ValueError(f"{PRODUCTS[coarse].variable}={name} is not available {where}")
             continue
         if all(_agrees(kernel, page_size, device, *case) for case in cases):
             exact.append(name)
@@ -356,7 +370,8 @@ def _reference_case(codes: Tensor, query_codes: Tensor, page_size: int, coarse: 
 def _extreme_cases(dim: int, coarse: bool) -> list[tuple[Tensor, Tensor]]:
     """Key and query codes whose products reach the largest sums and cancel exactly, beside random ones."""
     generator = torch.Generator().manual_seed(0)
-    key_limit, query_limit = (NIBBLE_LIMIT, NIBBLE_QUERY_LEVELS) if coarse else (CODE_LIMIT, QUERY_LEVELS)
+    product = PRODUCTS[coarse]
+    key_limit, query_limit = product.key_limit, product.query_limit
     sign = 1 - 2 * (torch.arange(dim) % 2)
     halves = torch.where(torch.arange(dim) < dim // 2, 1, -1)
     patterns = torch.stack([torch.ones(dim, dtype=torch.long), sign, halves])
@@ -369,20 +384,21 @@ def _extreme_cases(dim: int, coarse: bool) -> list[tuple[Tensor, Tensor]]:
     if not coarse:
         query_patterns += [127 * sign[None], 128 * halves[None]]
     random_queries = torch.randint(-query_limit, query_limit + 1, (3, dim), generator=generator)
-    query_codes = torch.cat([*query_patterns, random_queries]).to(torch.int8 if coarse else torch.int16)
+    query_codes = torch.cat([*query_patterns, random_queries]).to(product.query_dtype)
     return [(codes, query_codes), (codes, query_codes[:1])]
 
 
 def _time(page_max: Callable, device: torch.device, dim: int, page_size: int, coarse: bool) -> float:
     generator = torch.Generator().manual_seed(1)
     keys = -(-CALIBRATION_KEYS // page_size) * page_size
-    key_limit, query_limit = (NIBBLE_LIMIT, NIBBLE_QUERY_LEVELS) if coarse else (CODE_LIMIT, QUERY_LEVELS)
+    product = PRODUCTS[coarse]
+    key_limit, query_limit = product.key_limit, product.query_limit
     codes = torch.randint(-key_limit, key_limit + 1, (keys, dim), generator=generator).to(torch.int8)
     query_codes = torch.randint(
         -query_limit, query_limit + 1, (CALIBRATION_QUERIES, dim), generator=generator
     )
     codes = pack_nibbles(codes) if coarse else codes
-    codes, query_codes = codes.to(device), query_codes.to(torch.int8 if coarse else torch.int16).to(device)
+    codes, query_codes = codes.to(device), query_codes.to(product.query_dtype).to(device)
     best = float("inf")
     for _ in range(CALIBRATION_REPEATS + 1):
         if device.type == "cuda":

@@ -157,7 +157,7 @@ def forward(launch: _Launch, q: Tensor, k: Tensor, v: Tensor, alpha_grad: bool):
 
 def _key_tile_norms(k: Tensor, block_n: int) -> Tensor:
     """(B * Hkv, key tiles): the largest key norm of each tile of ``block_n`` keys (a NaN key gives NaN)."""
-    norms = torch.linalg.vector_norm(k.float(), dim=-1)
+    norms = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
     norms = torch.nn.functional.pad(norms, (0, -norms.shape[-1] % block_n))
     return norms.view(k.shape[0] * k.shape[1], -1, block_n).amax(-1).contiguous()
 

@@ -297,7 +297,7 @@ def _forward_kernel(
     second = tl.full([BLOCK_M], float("-inf"), tl.float32)
     # Rows with a NaN or +inf score have no threshold; they output NaN, as torch's softmax does.
     non_finite = tl.zeros([BLOCK_M], tl.int32)
-    tiles = (end - start + BLOCK_N - 1) // BLOCK_N
+    tiles = tl.maximum((end - start + BLOCK_N - 1) // BLOCK_N, 0)
     unscored = tl.full([], 0, tl.int32)
     if PRESCORE:
         # |q . k| <= |q| |k|; the margin covers the rounding of the scores (tf32: 1e-3 of it).
