@@ -129,6 +129,21 @@ void nibble_pages_against_queries(const uint8_t* packed, const int8_t* queries, 
   }
 }
 
+// Pages [0, pages) split across threads; run(fixed, first, end) gets the width fixed at compile time
+// where it is Small or Large (0 otherwise), so that the kernel's loops unroll for the common D.
+template <int64_t Small, int64_t Large, typename Run>
+void over_pages(int64_t pages, int64_t width, const Run& run) {
+  at::parallel_for(0, pages, 16, [&](int64_t first, int64_t end) {
+    if (width == Small) {
+      run(std::integral_constant<int64_t, Small>{}, first, end);
+    } else if (width == Large) {
+      run(std::integral_constant<int64_t, Large>{}, first, end);
+    } else {
+      run(std::integral_constant<int64_t, 0>{}, first, end);
+    }
+  });
+}
+
 at::Tensor page_max_nibble_dots(const at::Tensor& packed, const at::Tensor& queries, int64_t page_size) {
   TORCH_CHECK(packed.device().is_cpu() && queries.device().is_cpu(), "page_max_nibble_dots runs on the CPU");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
@@ -144,18 +159,9 @@ at::Tensor page_max_nibble_dots(const at::Tensor& packed, const at::Tensor& quer
   const uint8_t* packed_data = packed.data_ptr<uint8_t>();
   const int8_t* query_data = queries.data_ptr<int8_t>();
   int32_t* out_data = out.data_ptr<int32_t>();
-  at::parallel_for(0, pages, 16, [&](int64_t first, int64_t end) {
-    const auto run = [&](auto fixed) {
-      nibble_pages_against_queries<decltype(fixed)::value>(packed_data, query_data, out_data, first, end,
-                                                           pages, page_size, count, blocks);
-    };
-    if (blocks == 1) {
-      run(std::integral_constant<int64_t, 1>{});
-    } else if (blocks == 2) {
-      run(std::integral_constant<int64_t, 2>{});
-    } else {
-      run(std::integral_constant<int64_t, 0>{});
-    }
+  over_pages<1, 2>(pages, blocks, [&](auto fixed, int64_t first, int64_t end) {
+    nibble_pages_against_queries<decltype(fixed)::value>(packed_data, query_data, out_data, first, end, pages,
+                                                         page_size, count, blocks);
   });
   return out;
 }
@@ -175,18 +181,9 @@ at::Tensor page_max_dots(const at::Tensor& codes, const at::Tensor& queries, int
   const int8_t* code_data = codes.data_ptr<int8_t>();
   const int16_t* query_data = queries.data_ptr<int16_t>();
   int32_t* out_data = out.data_ptr<int32_t>();
-  at::parallel_for(0, pages, 16, [&](int64_t first, int64_t end) {
-    const auto run = [&](auto fixed) {
-      pages_against_queries<decltype(fixed)::value>(code_data, query_data, out_data, first, end, pages,
-                                                    page_size, count, chunks);
-    };
-    if (chunks == 4) {
-      run(std::integral_constant<int64_t, 4>{});
-    } else if (chunks == 8) {
-      run(std::integral_constant<int64_t, 8>{});
-    } else {
-      run(std::integral_constant<int64_t, 0>{});
-    }
+  over_pages<4, 8>(pages, chunks, [&](auto fixed, int64_t first, int64_t end) {
+    pages_against_queries<decltype(fixed)::value>(code_data, query_data, out_data, first, end, pages, page_size,
+                                                  count, chunks);
   });
   return out;
 }
