@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "src/sparsa/experiments/demo_models/lookup/asentmax"
+# Relative to the sparsa package a process imports: each tree reads the same weights in its own config format.
+MODEL = Path("experiments/demo_models/lookup/asentmax")
+
+
+def shipped_model():
+    import sparsa
+
+    return str(Path(sparsa.__file__).parent / MODEL)
 CASES = ("lookup-4096", "lookup-16384", "gaussian-forward", "gaussian-backward", "train-1k")
 
 
@@ -46,7 +53,7 @@ def worker(case: str) -> dict:
     torch.manual_seed(0)
     predictions = None
     if case.startswith("lookup-"):
-        model = Transformer.from_pretrained(str(MODEL)).eval()
+        model = Transformer.from_pretrained(shipped_model()).eval()
         batch = collate(evaluation_examples(make_task("lookup", vocab=64), 0, "test", int(case[7:]), 1))
         kept = batch.tokens.shape[1] - int((batch.labels >= 0).any(0).nonzero()[0])
 
@@ -68,7 +75,7 @@ def worker(case: str) -> dict:
                 out.sum().backward()
 
     else:
-        model = Transformer.from_pretrained(str(MODEL)).train()
+        model = Transformer.from_pretrained(shipped_model()).train()
         tokens = torch.randint(3, 60, (8, 1024))
 
         def run():
@@ -90,9 +97,9 @@ def worker(case: str) -> dict:
 
 def in_fresh_process(src: Path, case: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", case], env=env, capture_output=True, text=True, check=True
-    )
+    done = subprocess.run([sys.executable, __file__, "--worker", case], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{case} failed under {src}:\n{done.stderr.strip()}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -107,7 +114,7 @@ def alibi_heads(repeats: int) -> list[list[str]]:
     from sparsa.models import Transformer
     from sparsa.tasks import make_task
 
-    model = Transformer.from_pretrained(str(MODEL)).eval()
+    model = Transformer.from_pretrained(shipped_model()).eval()
     batch = collate(evaluation_examples(make_task("lookup", vocab=64), 0, "test", 16384, 1))
     captured = {}
 

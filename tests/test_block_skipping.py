@@ -20,13 +20,19 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 32)
     monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 1 << 11)
     monkeypatch.setattr(blocked, "MIN_BOUNDED_QUERY_BLOCKS", 1)
+    monkeypatch.setattr(blocked, "BAND", 16)
 
 
 def scored_keys(out, n_q, n_k):
-    """(B * Hkv, Nq, Nk) bool: which (query, key) scores the forward computed, read from its plan."""
-    plans = out.grad_fn.layout_args[3]
+    """(B * Hkv, Nq, Nk) bool: which (query, key) scores the forward computed, read from its plan
+    and the (unit, block) pairs its band did."""
+    plans, band_pairs = out.grad_fn.layout_args[3:]
     units = out.grad_fn.saved_tensors[1].shape[0] * out.grad_fn.saved_tensors[1].shape[1]
     scored = torch.zeros(units, n_q, n_k, dtype=torch.bool)
+    for unit, block in [] if band_pairs is None else band_pairs.tolist():
+        rows = slice(block * blocked.BAND, (block + 1) * blocked.BAND)
+        window_start = n_k - n_q + (block - 1) * blocked.BAND
+        scored[unit, rows, max(0, window_start) : window_start + 2 * blocked.BAND] = True
     for start, end, keys, buckets in plans:
         for bucket in buckets:
             if bucket.blocks is None:

@@ -221,13 +221,25 @@ class ScoreBias:
         return maxima[..., blocks]
 
     def apply_at_(
-        self, scores: Tensor, q_start: int, q_end: int, batch: Tensor, heads: Tensor, positions: Tensor
+        self,
+        scores: Tensor,
+        q_start: int,
+        q_end: int,
+        batch: Tensor,
+        heads: Tensor,
+        positions: Tensor,
+        row_starts: Tensor | None = None,
+        contiguous: bool = False,
     ) -> Tensor:
         """Add the biases in place to scores (U, G, rows, W) of gathered keys.
 
-        Unit u holds the queries of heads ``heads[u]`` (G,) of batch entry
-        ``batch[u]`` against the keys at ``positions[u]`` (W,); a negative
-        position is no key and gets -inf.
+        Unit u holds the queries q_start:q_end of heads ``heads[u]`` (G,) of
+        batch entry ``batch[u]`` against the keys at ``positions[u]`` (W,); a
+        negative position is no key and gets -inf. ``row_starts`` (U,), if
+        given, moves unit u's queries on by ``row_starts[u]`` (not with an
+        explicit mask, whose rows are shared by all units). ``contiguous``:
+        every unit's positions are the same run of keys, first, first + 1, ...
+        (then the causal mask touches only the keys past the first query).
         """
         units = scores.shape[0]
         if positions.numel() == 0:
@@ -236,6 +248,11 @@ class ScoreBias:
         k_pos = positions.view(units, 1, 1, -1)
         # Each pass over the scores costs as much as computing them: skip those that change nothing.
         lowest, highest = int(positions.min()), int(positions.max())
+        if row_starts is not None:
+            if self.mask is not None:
+                raise ValueError("apply_at_ takes row_starts only without an explicit mask")
+            q_pos = q_pos + row_starts.view(units, 1, 1, 1)
+            q_start, q_end = q_start + int(row_starts.min()), q_end + int(row_starts.max())
         if self.slopes is not None:
             slopes = self.slopes.view(self.slopes.shape[0], -1)
             unit_slopes = slopes[batch.view(-1, 1) if slopes.shape[0] > 1 else 0, heads]
@@ -243,7 +260,12 @@ class ScoreBias:
                 distance = (k_pos - q_pos).to(scores.dtype)
                 scores.add_(unit_slopes.view(units, -1, 1, 1).to(scores.dtype) * distance)
         hidden = k_pos < 0 if lowest < 0 else None
-        if self.is_causal and highest > q_start + self.offset:
+        if self.is_causal and contiguous and row_starts is None:
+            first = max(0, q_start + self.offset + 1 - lowest)
+            if first < scores.shape[-1]:
+                tail = k_pos[..., first:]
+                scores[..., first:].masked_fill_(tail > q_pos, NEG_INF)
+        elif self.is_causal and highest > q_start + self.offset:
             hidden = k_pos > q_pos if hidden is None else hidden | (k_pos > q_pos)
         if self.window is not None and lowest < self.key_start(q_end - 1):
             outside = k_pos <= q_pos - self.window
