@@ -240,3 +240,37 @@ def test_the_statistic_counts_the_blocks_never_scored():
         q, k, v, alpha=1.0, is_causal=True, alibi_slopes=slopes, return_stats=True
     )
     assert bool((softmax_stats.unscored_key_blocks == 0).all())
+
+
+def test_the_band_finishes_steep_heads_and_only_them(monkeypatch):
+    """Causal ALiBi heads are done in their windows; a head without a slope never enters the band."""
+    torch.manual_seed(6)
+    q, k, v = make(2, 4, 4, 160, 160, 8, dtype=torch.float64, spread=1.5)
+    options = dict(alpha=1.5, is_causal=True, alibi_slopes=torch.tensor([4.0, 2.0, 0.0, 1.0], dtype=q.dtype))
+    assert_same(run_both(q, k, v, **options))
+    out = sparsa.attention(q.requires_grad_(), k, v, backend="blocked", **options)
+    pairs = out.grad_fn.layout_args[4]
+    units = set(pairs[:, 0].tolist())
+    assert {0, 1} <= units and not units & {2, 6}, units
+    assert unscored_weight(q.detach(), k, v, **options)[0] == 0
+
+
+def test_gradcheck_fp64_through_the_band(monkeypatch):
+    monkeypatch.setattr(blocked, "BAND", 4)
+    monkeypatch.setattr(blocked, "KEY_BLOCK", 4)
+    monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 8)
+    monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 64)
+    monkeypatch.setattr(blocked, "MIN_QUERY_BLOCK", 4)
+    torch.manual_seed(7)
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 1, 20, 20, 4, dtype=torch.float64))
+    slopes = torch.tensor([3.0, 2.0], dtype=torch.float64)
+    alpha = torch.tensor([1.5, 1.3], dtype=torch.float64, requires_grad=True)
+    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
+
+    def attend(a, b, c, h, sink):
+        return sparsa.attention(
+            a, b, c, alpha=h, is_causal=True, alibi_slopes=slopes, sinks=sink, backend="blocked"
+        )
+
+    assert attend(q, k, v, alpha, sinks).grad_fn.layout_args[4].shape[0] > 0
+    assert gradcheck(attend, (q, k, v, alpha, sinks))
