@@ -38,6 +38,8 @@ def shipped_model():
     import sparsa
 
     return str(Path(sparsa.__file__).parent / MODEL)
+
+
 CASES = ("lookup-4096", "lookup-16384", "gaussian-forward", "gaussian-backward", "train-1k")
 
 
@@ -97,7 +99,9 @@ def worker(case: str) -> dict:
 
 def in_fresh_process(src: Path, case: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    done = subprocess.run([sys.executable, __file__, "--worker", case], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", case], env=env, capture_output=True, text=True
+    )
     if done.returncode != 0:
         sys.exit(f"{case} failed under {src}:\n{done.stderr.strip()}")
     return json.loads(done.stdout.strip().splitlines()[-1])
