@@ -419,8 +419,8 @@ class _Band:
     and minima) plus the bias at the window's edge, -slope * (distance to the
     edge), lies below the cut-off that the window's largest score proves
     (docs/mathematics.md, "Key blocks ruled out before they are scored"). A
-    block of a unit is done when all its rows are. ``pairs`` lists the
-    (unit, block) pairs the band computed, ``done`` which of them it finished.
+    block of a unit is done when all its rows are; after :meth:`run`, ``done``
+    (B * Hkv, blocks) says which (unit, block) pairs the band finished.
     """
 
     def __init__(self, layout: _Layout, q_rows: Tensor, flat_k: Tensor, flat_v: Tensor) -> None:
@@ -431,10 +431,9 @@ class _Band:
         # Key position p sits at index p + pad_front: window b is chunks c and c + 1, c = chunk(b).
         self.first_chunk = (layout.bias.offset + pad_front) // BAND - 1
         pad_back = (self.first_chunk + self.blocks + 1) * BAND - pad_front - layout.n_k
-        padding = (0, 0, pad_front, max(0, pad_back))
+        padding = (0, 0, pad_front, pad_back)
         self.k_chunks = torch.nn.functional.pad(flat_k, padding).unflatten(1, (-1, BAND))
         self.v_chunks = torch.nn.functional.pad(flat_v, padding).unflatten(1, (-1, BAND))
-        self.pad_front = pad_front
         rows = torch.nn.functional.pad(q_rows, (0, 0, 0, self.blocks * BAND - layout.n_q))
         self.q_blocks = rows.unflatten(2, (-1, BAND))
 
