@@ -497,7 +497,9 @@ class _Band:
         nothing_before = self.window_start(blocks) <= first_visible
         past_end = (blocks.view(-1, 1) * BAND + torch.arange(BAND, device=rows.device)) >= layout.n_q
         past_end = past_end.view(-1, 1, BAND).expand(-1, layout.group, -1).reshape(done.shape)
-        return (done | past_end).all(-1) | nothing_before
+        # Rows whose whole window is masked (padding) are left to the loop, like every row it has.
+        seen = (largest > float("-inf")) | past_end
+        return ((done | past_end).all(-1) | nothing_before) & seen.all(-1)
 
     def run(self, units: Tensor, bounds: _KeyBounds, out, m, s, support, count_support: bool) -> int:
         """Score the windows of ``units`` (a probe of the first blocks, then the rest for the units
