@@ -18,7 +18,8 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	@$(BIN)/pip install --quiet $(TORCH_PIN)
 	@echo "setup 3/4: sparsa (editable) with its test, benchmark, documentation and integration tools (about 40 s)"
 	@$(BIN)/pip install --quiet -e '.[dev,bench]'
-	@echo "setup 4/4: the decoder's compiled AVX2 sketch kernel, if this machine can build it (about 15 s)"
+	@echo "setup 4/4: the compiled AVX2 kernels (entmax rows, the decoder's sketch), if this machine can build them (about 30 s)"
+	@$(BIN)/python -c "from sparsa.normalize import _native; _native.ENTMAX_ROWS.built()"
 	@$(BIN)/python -c "from sparsa.attention import sketch_kernels; sketch_kernels.calibration('cpu', 128)"
 	@touch $@
 	@echo "setup done: $(VENV)"

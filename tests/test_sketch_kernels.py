@@ -175,7 +175,7 @@ def test_a_failed_build_leaves_the_pytorch_kernels(monkeypatch, capsys):
     def no_compiler(**options):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(sketch_kernels, "_compiled_built", None)
+    monkeypatch.setattr(sketch_kernels.SKETCH_LIBRARY, "_built", None)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     found = sketch_kernels.calibration("cpu", 128)
     assert "compiled" not in found.milliseconds and found.kernel in found.milliseconds

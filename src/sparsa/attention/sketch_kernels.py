@@ -37,7 +37,6 @@ to int8 a chunk at a time, then the int8 sketch's chosen kernel).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..normalize._native import NativeLibrary
 
 CODE_LIMIT = 127
 """Key codes lie in [-CODE_LIMIT, CODE_LIMIT]."""
@@ -80,7 +81,6 @@ ENVIRONMENT_VARIABLE = "SPARSA_SKETCH_KERNEL"
 NIBBLE_ENVIRONMENT_VARIABLE = "SPARSA_NIBBLE_KERNEL"
 
 COMPILED_SOURCE = Path(__file__).with_name("csrc") / "page_max_dots.cpp"
-COMPILED_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
 def page_max_dots(codes: Tensor, query_codes: Tensor, page_size: int) -> Tensor:
@@ -188,43 +188,12 @@ def _compiled(codes: Tensor, query_codes: Tensor, page_size: int) -> Tensor:
     return torch.ops.sparsa_sketch.page_max_dots(codes, query_codes, page_size)
 
 
-_compiled_built: bool | None = None
-
-
-def _build_compiled() -> bool:
-    """Build (or load from torch's per-machine cache) the AVX2 kernel; False where it cannot be built."""
-    global _compiled_built
-    if _compiled_built is None:
-        from torch.utils import cpp_extension
-
-        name = "sparsa_sketch"
-        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        if not built.exists():
-            print("sparsa: building the AVX2 sketch kernel (once per machine, about 15 s)", file=sys.stderr)
-        try:
-            cpp_extension.load(
-                name=name,
-                sources=[str(COMPILED_SOURCE)],
-                extra_cflags=COMPILED_FLAGS,
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
-            _compiled_built = True
-        # A missing compiler or ninja, or a failed build, raises one of several types; the PyTorch
-        # kernels remain either way.
-        except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            message = f"sparsa: the AVX2 sketch kernel did not build ({reason}); PyTorch's kernels remain"
-            print(message, file=sys.stderr)
-            _compiled_built = False
-    return _compiled_built
+SKETCH_LIBRARY = NativeLibrary("sparsa_sketch", COMPILED_SOURCE, "the AVX2 sketch kernel")
 
 
 def _compiled_available(device: torch.device, dim: int, page_size: int) -> bool:
     shape_fits = dim % 16 == 0 and page_size % 8 == 0 and dim <= MAX_HEAD_DIM
-    cpu_fits = device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return shape_fits and cpu_fits and _build_compiled()
+    return shape_fits and device.type == "cpu" and SKETCH_LIBRARY.built()
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._compile import map_row_blocks, positive_pow, row_kernel, wants_compiled
+from ._native import native_entmax_rows
 from ._validate import (
     alpha_rows,
     check_alpha,
@@ -155,6 +156,10 @@ def entmax_rows(
     """
     if isinstance(alpha, float) and alpha == 1.0:
         return _softmax_with_threshold(x, compiled)
+    if compiled and k is None and isinstance(alpha, float) and alpha in (1.5, 2.0):
+        solved = native_entmax_rows(x, alpha)
+        if solved is not None:
+            return solved
     alpha, softmax_rows = _split_softmax_rows(x, alpha)
     found = shifted_threshold(x, alpha, k, tol, compiled)
     weights = found.entries.expand(_weights(found.entries.values, found.m, found.s, alpha, compiled))
