@@ -17,7 +17,7 @@ LENGTHS = [1, 2, 7, 16, 33, 700, 4099]
 
 def rows_of_every_kind(length, dtype):
     """Attention-like, wide Gaussian (many candidates), constant (all tied), one-hot, ties at the
-    threshold, causal (-inf tail), all -inf, NaN, +inf, huge and tiny scales."""
+    threshold, causal (-inf tail), all -inf, NaN, +inf, huge scores, huge offsets, tiny spreads."""
     rows = [torch.randn(length, dtype=dtype) + 12 * (torch.rand(length) < 4 / length)]
     rows.append(4 * torch.randn(length, dtype=dtype))
     rows.append(torch.full((length,), 3.0, dtype=dtype))
@@ -34,6 +34,7 @@ def rows_of_every_kind(length, dtype):
         row[length // 2] = bad
         rows.append(row)
     rows.append(1e30 * torch.randn(length, dtype=dtype))
+    rows.append(1e4 + 0.5 * torch.randn(length, dtype=dtype))
     rows.append(1 + 1e-6 * torch.randn(length, dtype=dtype))
     return torch.stack(rows)
 

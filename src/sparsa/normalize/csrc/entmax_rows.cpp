@@ -1,14 +1,14 @@
-// Exact 1.5-entmax and sparsemax of a block of rows, a row at a time in few passes over it.
+// Exact 1.5-entmax and sparsemax of a block of rows, a row at a time in three passes over it.
 //
 // The PyTorch solver (threshold.py) runs each Newton step as a separate pass, with Python work and a
 // host synchronisation between steps; on attention rows of a few thousand keys that overhead costs more
 // than the arithmetic. Here each row is read three times: (1) its maximum and the maxima of its blocks of
-// BLOCK entries, (2) the candidates, entries with shifted score y = (alpha - 1)(x - m) > -1 (no other can
-// hold weight), gathered from the blocks whose maximum is one, (3) the weights. The threshold is solved on
-// the candidates alone, by the same Newton steps from the left with an exact finish as threshold.py
-// (docs/mathematics.md, section 1), in double precision; every step drops the candidates at or below the
-// current threshold, which is a lower bound of the answer. Rows that do not certify fall back to the
-// sorted algorithm on their candidates.
+// BLOCK entries; (2) the candidates: the threshold of the block maxima, a subset of the row, is a lower
+// bound of the row's, and only entries above it (from blocks whose maximum is) can hold weight; (3) the
+// weights. The threshold is solved on the candidates alone, in double precision, by the Newton steps
+// from the left with the exact finish of threshold.py (docs/mathematics.md, section 1); the steps drop
+// the candidates at or below the current threshold, a lower bound of the answer. Rows that do not
+// certify are sorted.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -211,16 +211,17 @@ bool scan_blocks<float>(const float* in, int64_t n, float* block_max, float& m) 
 // Entries past this many of the candidates' end may be overwritten while they are gathered.
 constexpr int64_t GATHER_SLACK = 8;
 
-// The shifted scores (x - m) * scale of the row's entries above cut, from the blocks whose maximum is,
-// into y; returns their number.
+// The shifted scores y = (x - m) * scale of the row above ``bound``, from the blocks whose maximum is,
+// into y; returns their number. Compared in shifted units: x - m is exact near the maximum, while m plus
+// the bound would round to m's precision, which for large scores is coarser than BOUND_MARGIN.
 template <typename T>
-int64_t gather_candidates(const T* in, int64_t n, const T* block_max, T m, T scale, T cut, T* y) {
+int64_t gather_candidates(const T* in, int64_t n, const T* block_max, T m, T scale, T bound, T* y) {
   int64_t size = 0;
   for (int64_t b = 0; b * BLOCK < n; ++b) {
-    if (!(block_max[b] > cut)) continue;
+    if (!((block_max[b] - m) * scale > bound)) continue;
     for (int64_t i = b * BLOCK; i < std::min(n, (b + 1) * BLOCK); ++i) {
       y[size] = (in[i] - m) * scale;
-      size += in[i] > cut;
+      size += y[size] > bound;
     }
   }
   return size;
@@ -243,23 +244,22 @@ const LeftPack LEFT_PACK;
 
 template <>
 int64_t gather_candidates<float>(const float* in, int64_t n, const float* block_max, float m, float scale,
-                                 float cut, float* y) {
-  const __m256 row_max = _mm256_set1_ps(m), factor = _mm256_set1_ps(scale), limit = _mm256_set1_ps(cut);
+                                 float bound, float* y) {
+  const __m256 row_max = _mm256_set1_ps(m), factor = _mm256_set1_ps(scale), limit = _mm256_set1_ps(bound);
   const int64_t whole = n / 8;
   int64_t size = 0;
   for (int64_t part = 0; part < whole; ++part) {
-    if (!(block_max[part * 8 / BLOCK] > cut)) continue;
-    const __m256 x = _mm256_loadu_ps(in + part * 8);
-    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(x, limit, _CMP_GT_OQ));
+    if (!((block_max[part * 8 / BLOCK] - m) * scale > bound)) continue;
+    const __m256 shifted = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(in + part * 8), row_max), factor);
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(shifted, limit, _CMP_GT_OQ));
     if (mask == 0) continue;
-    const __m256 shifted = _mm256_mul_ps(_mm256_sub_ps(x, row_max), factor);
     const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(LEFT_PACK.lanes[mask]));
     _mm256_storeu_ps(y + size, _mm256_permutevar8x32_ps(shifted, order));
     size += _mm_popcnt_u32(mask);
   }
   for (int64_t i = whole * 8; i < n; ++i) {
     y[size] = (in[i] - m) * scale;
-    size += in[i] > cut;
+    size += y[size] > bound;
   }
   return size;
 }
@@ -285,15 +285,13 @@ void solve_rows(const T* x, T* weights, T* maxima, T* thresholds, int64_t first,
     }
     // The threshold of the block maxima, a subset of the row, is a lower bound of the row's (fewer terms
     // in a decreasing sum): entries below it, less a margin for rounding, cannot hold weight.
-    const T none = m - T(1) / scale;
     int64_t size = 0;
     for (int64_t b = 0; b < blocks; ++b) {
       candidates[size] = (block_max[b] - m) * scale;
-      size += block_max[b] > none;
+      size += candidates[size] > T(-1);
     }
     const double bound = std::max(-1.0, threshold_of(candidates.data(), size, sparsemax, steps, -1.0, spare) - BOUND_MARGIN);
-    const T cut = m + static_cast<T>(bound) / scale;
-    size = gather_candidates(in, n, block_max.data(), m, scale, cut, candidates.data());
+    size = gather_candidates(in, n, block_max.data(), m, scale, static_cast<T>(bound), candidates.data());
     const T shift = static_cast<T>(threshold_of(candidates.data(), size, sparsemax, steps, bound, spare));
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
