@@ -156,7 +156,7 @@ def entmax_rows(
     """
     if isinstance(alpha, float) and alpha == 1.0:
         return _softmax_with_threshold(x, compiled)
-    if compiled and k is None and isinstance(alpha, float) and alpha in (1.5, 2.0):
+    if compiled and k is None and is_exact_alpha(alpha):
         solved = native_entmax_rows(x, alpha)
         if solved is not None:
             return solved
