@@ -23,6 +23,17 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(blocked, "BAND", 16)
 
 
+def tiny_blocks(monkeypatch, size, budget, band=None):
+    """Key and query blocks of ``size``, bounds from 8 keys on, ``budget`` score entries per query
+    block and, if given, band blocks of ``band`` rows: small enough for gradcheck."""
+    monkeypatch.setattr(blocked, "KEY_BLOCK", size)
+    monkeypatch.setattr(blocked, "MIN_QUERY_BLOCK", size)
+    monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 8)
+    monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", budget)
+    if band is not None:
+        monkeypatch.setattr(blocked, "BAND", band)
+
+
 def scored_keys(out, n_q, n_k):
     """(B * Hkv, Nq, Nk) bool: which (query, key) scores the forward computed, read from its plan
     and the (unit, block) pairs its band did."""
@@ -187,10 +198,7 @@ def test_trained_like_heads():
 
 
 def test_gradcheck_fp64_with_blocks_ruled_out(monkeypatch):
-    monkeypatch.setattr(blocked, "KEY_BLOCK", 2)
-    monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 8)
-    monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 16)
-    monkeypatch.setattr(blocked, "MIN_QUERY_BLOCK", 2)
+    tiny_blocks(monkeypatch, size=2, budget=16)
     torch.manual_seed(4)
     q, k, v = (t.requires_grad_() for t in make(1, 2, 1, 12, 12, 4, dtype=torch.float64))
     slopes = torch.tensor([3.0, 1.0], dtype=torch.float64)
@@ -242,7 +250,7 @@ def test_the_statistic_counts_the_blocks_never_scored():
     assert bool((softmax_stats.unscored_key_blocks == 0).all())
 
 
-def test_the_band_finishes_steep_heads_and_only_them(monkeypatch):
+def test_the_band_finishes_steep_heads_and_only_them():
     """Causal ALiBi heads are done in their windows; a head without a slope never enters the band."""
     torch.manual_seed(6)
     q, k, v = make(2, 4, 4, 160, 160, 8, dtype=torch.float64, spread=1.5)
@@ -256,11 +264,7 @@ def test_the_band_finishes_steep_heads_and_only_them(monkeypatch):
 
 
 def test_gradcheck_fp64_through_the_band(monkeypatch):
-    monkeypatch.setattr(blocked, "BAND", 4)
-    monkeypatch.setattr(blocked, "KEY_BLOCK", 4)
-    monkeypatch.setattr(blocked, "MIN_BOUNDED_KEYS", 8)
-    monkeypatch.setattr(blocked, "SCORE_BLOCK_BUDGET", 64)
-    monkeypatch.setattr(blocked, "MIN_QUERY_BLOCK", 4)
+    tiny_blocks(monkeypatch, size=4, budget=64, band=4)
     torch.manual_seed(7)
     q, k, v = (t.requires_grad_() for t in make(1, 2, 1, 20, 20, 4, dtype=torch.float64))
     slopes = torch.tensor([3.0, 2.0], dtype=torch.float64)
